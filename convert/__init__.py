@@ -1,0 +1,1 @@
+"""Getting a GGUF: the model registry, hub downloads, HF → GGUF conversion, quantization, test models."""

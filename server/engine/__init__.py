@@ -1,0 +1,1 @@
+"""The engine: requests, the pure-Python scheduler, and the backends that run the model."""

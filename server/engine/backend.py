@@ -1,0 +1,113 @@
+"""The small protocol between the engine and whatever runs the model.
+
+`LlamaBackend` (llama_backend.py, the only importer of the llama.cpp bindings) and `FakeBackend`
+(fake_backend.py, deterministic, for tests and dry runs) implement it. Every method is called from the
+engine thread only, except the `Vocab` ones (tokenize, piece, is_eog, chat template), which are
+read-only and may be called from any thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from server.engine.request import TokenLogprob
+from server.engine.sampling import SamplingParams
+
+
+class BackendError(RuntimeError):
+    """The model could not be loaded or a call into it failed."""
+
+
+class DecodeError(BackendError):
+    """llama_decode failed for one batch; only the sequences in that batch are failed."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine and the API need to know about the loaded model and context."""
+
+    name: str
+    architecture: str
+    n_vocab: int
+    n_ctx_train: int
+    n_slots: int  # sequences in the context (llama_context n_seq_max)
+    n_ctx_per_slot: int  # positions one slot can hold
+    n_batch: int  # most tokens one decode call accepts
+    supports_partial_removal: bool  # False on recurrent / hybrid models (qwen3next)
+    bos_token: int | None
+    eos_token: int | None
+    add_bos: bool
+    chat_template: str | None
+    n_params: int = 0
+    size_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """Tokens of one slot in one decode: positions start_pos.., logits wanted for the last one or not."""
+
+    slot: int
+    tokens: tuple[int, ...]
+    start_pos: int
+    logits_last: bool
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token: int
+    logprob: TokenLogprob | None = None  # filled only when the request asked for logprobs
+
+
+@dataclass(frozen=True)
+class CacheOp:
+    """A change to a slot's memory, applied before the step's decode, in plan order.
+
+    kind:
+      "clear"    — forget everything in `slot`.
+      "truncate" — keep positions [0, n_keep) of `slot` (only where supports_partial_removal).
+      "save"     — snapshot `slot`'s whole sequence state (replacing its previous snapshot).
+      "restore"  — replace `slot`'s state by its snapshot.
+      "copy"     — make `slot` an exact copy of slot `src` (n > 1 choices after a shared prefill).
+    """
+
+    kind: str
+    slot: int
+    n_keep: int = 0
+    src: int = -1
+
+
+class Vocab(Protocol):
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
+
+    def piece(self, token: int) -> bytes:
+        """The token's output bytes (special/control tokens render as b"")."""
+        ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+    def token_text(self, token: int) -> str:
+        """The token's text as stored in the vocabulary (for rendering BOS/EOS in chat templates)."""
+        ...
+
+
+class Backend(Vocab, Protocol):
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def apply(self, ops: Sequence[CacheOp]) -> None: ...
+
+    def decode(self, entries: Sequence[BatchEntry]) -> None:
+        """One llama_decode over all entries, in the given (slot-ascending) order. Raises DecodeError."""
+        ...
+
+    def new_sampler(self, sampler_id: int, params: SamplingParams) -> None: ...
+
+    def free_sampler(self, sampler_id: int) -> None: ...
+
+    def sample(self, sampler_id: int, logits_index: int, params: SamplingParams) -> SampledToken:
+        """Sample from the logits of batch position `logits_index` of the last decode and accept the token."""
+        ...
+
+    def close(self) -> None: ...

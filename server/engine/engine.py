@@ -1,0 +1,392 @@
+"""The engine: one thread owns the scheduler and the backend and runs the step loop; the asyncio side only
+submits, cancels and reads. Events cross back to the event loop once per step (call_soon_threadsafe), so
+the loop never waits on llama.cpp and llama.cpp never waits on the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from server.engine.backend import Backend, BackendError, ModelInfo, SampledToken, Vocab
+from server.engine.request import Request, TokenEvent
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from server.engine.sequence import Sequence, StepEvent
+from server.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    QueueFullError,
+    ServiceUnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_tokens: int = 512  # token budget per step (decode tokens + prefill chunks)
+    max_queue: int = 64  # requests allowed to wait beyond the free slots
+    request_timeout_s: float | None = 600.0
+    prefix_reuse: bool = True
+    snapshot_min_tokens: int = 16  # recurrent models: smallest prompt worth saving a state snapshot for
+    idle_poll_s: float = 0.5  # how often an idle engine thread re-checks deadlines
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    slot: int
+    state: str  # idle | prefill | decode
+    request_id: str | None
+    choice_index: int
+    n_cached_tokens: int  # tokens whose KV/state the slot holds now
+    n_prompt_tokens: int
+    n_generated_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    n_slots: int
+    n_slots_busy: int
+    n_requests_waiting: int
+    n_requests_running: int
+    n_requests_finished: int
+    n_requests_failed: int
+    n_prompt_tokens_computed: int
+    n_prompt_tokens_cached: int
+    n_generated_tokens: int
+    n_steps: int
+    n_decode_errors: int
+    seconds_decoding: float
+
+
+@dataclass(frozen=True)
+class _Submit:
+    choices: list[Sequence]
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    request_id: str
+
+
+class RequestStream:
+    """The reader's end of one request: its TokenEvents, all choices interleaved, in order."""
+
+    def __init__(self, engine: Engine, request: Request) -> None:
+        self._engine = engine
+        self.request_id = request.request_id
+        self.n_prompt_tokens = len(request.prompt_tokens)
+        self._n_choices_open = request.n  # reader side: choices not yet finished
+        self._n_finishes_undelivered = request.n  # dispatch side: finishing events still to come
+        self._events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._cancelled = False
+
+    @property
+    def finished(self) -> bool:
+        return self._n_choices_open == 0
+
+    def _deliver(self, event: TokenEvent) -> bool:
+        """Queue an event for the reader; True once every choice's finishing event has been queued."""
+        self._events.put_nowait(event)
+        if event.finish_reason is not None:
+            self._n_finishes_undelivered -= 1
+        return self._n_finishes_undelivered == 0
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        try:
+            while self._n_choices_open:
+                event = await self._events.get()
+                if event.finish_reason is not None:
+                    self._n_choices_open -= 1
+                yield event
+        finally:
+            if self._n_choices_open:
+                self.cancel()
+
+    def cancel(self) -> None:
+        if not self._cancelled and self._n_choices_open:
+            self._cancelled = True
+            self._engine.cancel(self.request_id)
+
+
+class Engine:
+    def __init__(self, backend: Backend, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self._backend = backend
+        info = backend.info
+        self._scheduler = Scheduler(
+            SchedulerConfig(
+                n_slots=info.n_slots,
+                n_ctx_per_slot=info.n_ctx_per_slot,
+                max_batch_tokens=max(info.n_slots, min(self.config.max_batch_tokens, info.n_batch)),
+                supports_partial_removal=info.supports_partial_removal,
+                prefix_reuse=self.config.prefix_reuse,
+                snapshot_min_tokens=self.config.snapshot_min_tokens,
+            ),
+            backend,
+        )
+        self._inbox: queue.SimpleQueue[_Submit | _Cancel | None] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, RequestStream] = {}  # touched only on the event loop thread
+        self._seq_ids = itertools.count()
+        self._lock = threading.Lock()  # guards the counters below, shared by both threads
+        self._n_waiting = 0
+        self._n_free_slots = info.n_slots
+        self._n_steps = 0
+        self._n_decode_errors = 0
+        self._seconds_decoding = 0.0
+        self._slot_statuses: list[SlotStatus] = self._read_slot_statuses()
+
+    # --- the asyncio side ----------------------------------------------------------------------------
+    @property
+    def info(self) -> ModelInfo:
+        return self._backend.info
+
+    @property
+    def vocab(self) -> Vocab:
+        return self._backend
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._inbox.put(None)
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join()  # its last act publishes an ERROR event for every unfinished request
+        self._backend.close()
+
+    def submit(self, request: Request) -> RequestStream:
+        self._validate(request)
+        with self._lock:
+            if self._n_waiting >= self.config.max_queue + self._n_free_slots:
+                raise QueueFullError(
+                    f"server is at capacity: {self._n_waiting} requests are waiting for a free slot",
+                    retry_after_s=self._retry_after_s(),
+                )
+            self._n_waiting += 1
+        stream = RequestStream(self, request)
+        self._streams[request.request_id] = stream
+        choices = [Sequence(next(self._seq_ids), request, index) for index in range(request.n)]
+        self._inbox.put(_Submit(choices))
+        self._wakeup.set()
+        return stream
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(_Cancel(request_id))
+        self._wakeup.set()
+
+    def slots(self) -> list[SlotStatus]:
+        with self._lock:
+            return list(self._slot_statuses)
+
+    def stats(self) -> EngineStats:
+        counters = self._scheduler.counters
+        with self._lock:
+            busy = sum(1 for s in self._slot_statuses if s.state != "idle")
+            return EngineStats(
+                n_slots=self.info.n_slots,
+                n_slots_busy=busy,
+                n_requests_waiting=self._n_waiting,
+                n_requests_running=len({s.request_id for s in self._slot_statuses if s.request_id}),
+                n_requests_finished=counters.n_requests_finished,
+                n_requests_failed=counters.n_requests_failed,
+                n_prompt_tokens_computed=counters.n_prompt_tokens_computed,
+                n_prompt_tokens_cached=counters.n_prompt_tokens_cached,
+                n_generated_tokens=counters.n_generated_tokens,
+                n_steps=self._n_steps,
+                n_decode_errors=self._n_decode_errors,
+                seconds_decoding=self._seconds_decoding,
+            )
+
+    def _validate(self, request: Request) -> None:
+        if not self.running:
+            raise ServiceUnavailableError("the engine is not running")
+        n_prompt = len(request.prompt_tokens)
+        n_ctx = self.info.n_ctx_per_slot
+        if n_prompt == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if request.n > self.info.n_slots:
+            raise InvalidRequestError(
+                f"n={request.n} choices need {request.n} slots; this server runs {self.info.n_slots}",
+                param="n",
+            )
+        if any(not 0 <= t < self.info.n_vocab for t in request.prompt_tokens):
+            raise InvalidRequestError(
+                f"prompt holds token ids outside [0, {self.info.n_vocab})", param="prompt"
+            )
+        max_tokens = request.params.max_tokens
+        if n_prompt >= n_ctx:
+            raise ContextLengthExceededError(
+                f"the prompt has {n_prompt} tokens; this server's context is {n_ctx} tokens per request",
+                param="messages",
+            )
+        if max_tokens is not None and n_prompt + max_tokens > n_ctx:
+            raise ContextLengthExceededError(
+                f"this server's context is {n_ctx} tokens per request, but {n_prompt} prompt tokens + "
+                f"max_tokens {max_tokens} = {n_prompt + max_tokens}; lower max_tokens or shorten the prompt",
+                param="max_tokens",
+            )
+
+    def _retry_after_s(self) -> int:
+        """A rough wait: seconds per step × the steps a request takes × waiting requests per slot."""
+        if not self._n_steps:
+            return 1
+        seconds_per_step = self._seconds_decoding / self._n_steps
+        return max(1, math.ceil(seconds_per_step * 64 * self._n_waiting / max(1, self.info.n_slots)))
+
+    def _dispatch(self, events: list[TokenEvent]) -> None:
+        """Runs on the event loop: hand each event to its stream."""
+        for event in events:
+            stream = self._streams.get(event.request_id)
+            if stream is None:
+                continue
+            if stream._deliver(event):
+                del self._streams[event.request_id]
+
+    # --- the engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        budget = self._scheduler.config.max_batch_tokens
+        log.info("engine thread started: %d slots, %d tokens per step", self.info.n_slots, budget)
+        while not self._stopping.is_set():
+            try:
+                self._step()
+            except Exception:  # a bug must not kill the server: fail what was running, keep serving
+                log.exception("engine step failed; failing the running requests")
+                self._fail_everything("internal error in the engine step")
+        self._fail_everything("server shutting down")
+
+    def _step(self) -> None:
+        events = self._drain_inbox()
+        events += self._scheduler.expire(time.monotonic())
+        plan = self._scheduler.schedule()
+        if plan.empty:
+            self._publish(events)
+            self._wait_for_work()
+            return
+        events += self._execute(plan)
+        self._publish(events)
+
+    def _execute(self, plan: StepPlan) -> list[StepEvent]:
+        for seq in plan.admitted:
+            self._backend.new_sampler(seq.seq_id, _sampler_params(seq))
+        started = time.perf_counter()
+        try:
+            self._backend.apply(plan.ops)
+            if not plan.entries:
+                return []
+            self._backend.decode(plan.entries)
+            sampled: dict[int, SampledToken] = {
+                seq.seq_id: self._backend.sample(seq.seq_id, index, seq.request.params)
+                for seq, index in plan.samples
+            }
+        except BackendError as exc:
+            log.error("decode of %d tokens failed: %s", plan.n_tokens, exc)
+            with self._lock:
+                self._n_decode_errors += 1
+            return self._scheduler.fail(plan, f"the model failed to decode this batch: {exc}")
+        finally:
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                self._n_steps += 1
+                self._seconds_decoding += elapsed
+        return self._scheduler.commit(plan, sampled)
+
+    def _drain_inbox(self) -> list[StepEvent]:
+        events: list[StepEvent] = []
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return events
+            if isinstance(command, _Submit):
+                self._scheduler.add(command.choices)
+            elif isinstance(command, _Cancel):
+                events += self._scheduler.cancel(command.request_id)
+
+    def _wait_for_work(self) -> None:
+        timeout = self.config.idle_poll_s
+        deadlines = self._scheduler.deadlines()
+        if deadlines:
+            timeout = max(0.0, min(timeout, min(deadlines) - time.monotonic()))
+        self._wakeup.wait(timeout)
+        self._wakeup.clear()
+
+    def _publish(self, step_events: list[StepEvent]) -> None:
+        for event in step_events:
+            if event.finish_reason is not None:
+                self._backend.free_sampler(event.sequence.seq_id)
+        with self._lock:
+            self._n_waiting = self._scheduler.n_waiting + self._inbox.qsize()
+            self._n_free_slots = self._scheduler.n_free_slots
+            self._slot_statuses = self._read_slot_statuses()
+        if not step_events or self._loop is None:
+            return
+        token_events = [_token_event(event) for event in step_events]
+        try:
+            self._loop.call_soon_threadsafe(self._dispatch, token_events)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            log.debug("event loop closed; dropping %d events", len(token_events))
+
+    def _fail_everything(self, message: str) -> None:
+        self._publish(self._scheduler.fail_all(message))
+
+    def _read_slot_statuses(self) -> list[SlotStatus]:
+        statuses = []
+        for slot in self._scheduler.slots:
+            seq = slot.sequence
+            statuses.append(
+                SlotStatus(
+                    slot=slot.index,
+                    state="idle"
+                    if seq is None
+                    else ("prefill" if seq.status.value == "prefill" else "decode"),
+                    request_id=seq.request.request_id if seq else None,
+                    choice_index=seq.choice_index if seq else 0,
+                    n_cached_tokens=len(slot.cached_tokens),
+                    n_prompt_tokens=seq.n_prompt_tokens if seq else 0,
+                    n_generated_tokens=len(seq.output_tokens) if seq else 0,
+                )
+            )
+        return statuses
+
+
+def _sampler_params(seq: Sequence) -> SamplingParams:
+    params = seq.request.params
+    if params.seed is not None and seq.choice_index:
+        # n > 1 with a seed: each choice gets its own reproducible stream
+        return replace(params, seed=params.seed + seq.choice_index)
+    return params
+
+
+def _token_event(event: StepEvent) -> TokenEvent:
+    seq = event.sequence
+    return TokenEvent(
+        request_id=seq.request.request_id,
+        choice_index=seq.choice_index,
+        text=event.text,
+        token_ids=event.token_ids,
+        logprobs=event.logprobs,
+        finish_reason=event.finish_reason,
+        n_prompt_tokens=seq.n_prompt_tokens,
+        n_cached_tokens=seq.n_cached_tokens,
+        n_generated_tokens=len(seq.output_tokens),
+        error=event.error,
+    )

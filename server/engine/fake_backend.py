@@ -1,0 +1,249 @@
+"""A deterministic stand-in for llama.cpp: same protocol, no model. For tests and dry runs.
+
+Vocabulary: token ids 0..255 are the bytes, then a few control tokens. The "model" derives a logit vector
+from a hash of the last tokens of the slot's sequence and their position, so a sequence's output depends
+only on its own tokens — never on what else shares the batch — exactly the property the real engine must
+keep. The fake also checks what the scheduler asks of it (positions must continue the slot's memory,
+truncation only where supported) and can inject failures and delays.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.engine.backend import (
+    BackendError,
+    BatchEntry,
+    CacheOp,
+    DecodeError,
+    ModelInfo,
+    SampledToken,
+)
+from server.engine.request import TokenLogprob, TopLogprob
+from server.engine.sampling import SamplingParams
+
+BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
+CONTROL_TEXT = {BOS: "<s>", EOS: "</s>", IM_START: "<|im_start|>", IM_END: "<|im_end|>"}
+N_VOCAB = 260
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class FakeBackendConfig:
+    n_slots: int = 4
+    n_ctx_per_slot: int = 256
+    n_batch: int = 64
+    supports_partial_removal: bool = True
+    chat_template: str | None = CHATML_TEMPLATE
+    step_delay_s: float = 0.0  # sleep inside each decode, to make concurrency observable
+    fail_on_token: int | None = None  # decode raises DecodeError when a batch contains this token
+    eos_logit: float = -2.0  # how likely the model is to end on its own (greedy: only with logit_bias)
+    name: str = "fake-model"
+
+
+@dataclass
+class _Slot:
+    tokens: list[int] = field(default_factory=list)
+
+
+class FakeBackend:
+    def __init__(self, config: FakeBackendConfig | None = None) -> None:
+        self.config = config or FakeBackendConfig()
+        self._slots = [_Slot() for _ in range(self.config.n_slots)]
+        self._snapshots: dict[int, list[int]] = {}
+        self._samplers: dict[int, np.random.Generator] = {}
+        self._penalty_history: dict[int, list[int]] = {}
+        self._logits: np.ndarray = np.zeros((0, N_VOCAB), dtype=np.float32)
+        self.n_decode_calls = 0
+        self.batches: list[tuple[BatchEntry, ...]] = []  # every decoded batch, for assertions
+        self.ops: list[CacheOp] = []  # every memory op applied
+        self.closed = False
+        self._info = ModelInfo(
+            name=self.config.name,
+            architecture="fake",
+            n_vocab=N_VOCAB,
+            n_ctx_train=self.config.n_ctx_per_slot,
+            n_slots=self.config.n_slots,
+            n_ctx_per_slot=self.config.n_ctx_per_slot,
+            n_batch=self.config.n_batch,
+            supports_partial_removal=self.config.supports_partial_removal,
+            bos_token=BOS,
+            eos_token=EOS,
+            add_bos=False,
+            chat_template=self.config.chat_template,
+        )
+
+    # --- Vocab ---------------------------------------------------------------------------------------
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        tokens: list[int] = [BOS] if add_special and self._info.add_bos else []
+        rest = text
+        while rest:
+            control = next((t for t, s in CONTROL_TEXT.items() if parse_special and rest.startswith(s)), None)
+            if control is not None:
+                tokens.append(control)
+                rest = rest[len(CONTROL_TEXT[control]) :]
+                continue
+            tokens.extend(rest[0].encode())
+            rest = rest[1:]
+        return tokens
+
+    def piece(self, token: int) -> bytes:
+        return bytes([token]) if token < 256 else b""
+
+    def is_eog(self, token: int) -> bool:
+        return token in (EOS, IM_END)
+
+    def token_text(self, token: int) -> str:
+        return CONTROL_TEXT.get(token, bytes([token]).decode("latin-1") if token < 256 else "")
+
+    # --- memory --------------------------------------------------------------------------------------
+    def apply(self, ops: Sequence[CacheOp]) -> None:
+        for op in ops:
+            self.ops.append(op)
+            slot = self._slots[op.slot]
+            if op.kind == "clear":
+                slot.tokens = []
+            elif op.kind == "truncate":
+                if not self.config.supports_partial_removal:
+                    raise BackendError("partial removal is not supported by this (recurrent) model")
+                del slot.tokens[op.n_keep :]
+            elif op.kind == "save":
+                self._snapshots[op.slot] = list(slot.tokens)
+            elif op.kind == "restore":
+                if op.slot not in self._snapshots:
+                    raise BackendError(f"slot {op.slot} has no saved state")
+                slot.tokens = list(self._snapshots[op.slot])
+            elif op.kind == "copy":
+                slot.tokens = list(self._slots[op.src].tokens)
+            else:
+                raise BackendError(f"unknown cache op {op.kind!r}")
+
+    def slot_tokens(self, slot: int) -> list[int]:
+        return list(self._slots[slot].tokens)
+
+    # --- decode and sample ---------------------------------------------------------------------------
+    def decode(self, entries: Sequence[BatchEntry]) -> None:
+        self.n_decode_calls += 1
+        if self.config.step_delay_s:
+            time.sleep(self.config.step_delay_s)
+        n_tokens = sum(len(e.tokens) for e in entries)
+        if n_tokens > self.config.n_batch:
+            raise DecodeError(f"batch of {n_tokens} tokens exceeds n_batch {self.config.n_batch}")
+        if self.config.fail_on_token is not None and any(
+            self.config.fail_on_token in e.tokens for e in entries
+        ):
+            raise DecodeError("injected decode failure")
+        self._check_positions(entries)
+        self.batches.append(tuple(entries))
+        logits = np.zeros((n_tokens, N_VOCAB), dtype=np.float32)
+        row = 0
+        for entry in entries:
+            slot = self._slots[entry.slot]
+            for token in entry.tokens:
+                slot.tokens.append(token)
+                if len(slot.tokens) > self.config.n_ctx_per_slot:
+                    raise DecodeError(f"slot {entry.slot} is past its context")
+                logits[row] = self._model(slot.tokens)
+                row += 1
+        self._logits = logits
+
+    def _check_positions(self, entries: Sequence[BatchEntry]) -> None:
+        slots = [e.slot for e in entries]
+        if slots != sorted(slots) or len(set(slots)) != len(slots):
+            raise DecodeError(f"batch slots must ascend without repeats, got {slots}")
+        for entry in entries:
+            if entry.start_pos != len(self._slots[entry.slot].tokens):
+                raise DecodeError(
+                    f"slot {entry.slot}: batch starts at {entry.start_pos}, memory holds "
+                    f"{len(self._slots[entry.slot].tokens)} tokens"
+                )
+
+    def _model(self, tokens: list[int]) -> np.ndarray:
+        key = np.asarray([*tokens[-4:], len(tokens)], dtype=np.int64).tobytes()
+        rng = np.random.default_rng(zlib.crc32(key))
+        logits = rng.normal(0.0, 2.0, N_VOCAB).astype(np.float32)
+        logits[:32] -= 8.0  # ASCII control characters: rare
+        logits[128:256] = -30.0  # no raw high bytes: keeps output valid UTF-8 text
+        logits[[BOS, IM_START, IM_END]] = -30.0
+        logits[EOS] = self.config.eos_logit
+        return logits
+
+    def new_sampler(self, sampler_id: int, params: SamplingParams) -> None:
+        self._samplers[sampler_id] = np.random.default_rng(params.seed if params.seed is not None else None)
+        self._penalty_history[sampler_id] = []
+
+    def free_sampler(self, sampler_id: int) -> None:
+        self._samplers.pop(sampler_id, None)
+        self._penalty_history.pop(sampler_id, None)
+
+    def sample(self, sampler_id: int, logits_index: int, params: SamplingParams) -> SampledToken:
+        raw = self._logits[logits_index].astype(np.float64)
+        history = self._penalty_history[sampler_id]
+        logits = self._penalized(raw.copy(), history[-params.penalty_last_n :], params)
+        token = self._choose(logits, self._samplers[sampler_id], params)
+        history.append(token)
+        logprob = self._logprob(raw, token, params) if params.logprobs else None
+        return SampledToken(token, logprob)
+
+    def n_live_samplers(self) -> int:
+        return len(self._samplers)
+
+    @staticmethod
+    def _penalized(logits: np.ndarray, recent: list[int], params: SamplingParams) -> np.ndarray:
+        for token, bias in params.logit_bias.items():
+            logits[token] += bias
+        for token in set(recent):
+            count = recent.count(token)
+            if params.repeat_penalty != 1.0:
+                logits[token] = (
+                    logits[token] / params.repeat_penalty
+                    if logits[token] > 0
+                    else logits[token] * params.repeat_penalty
+                )
+            logits[token] -= count * params.frequency_penalty + params.presence_penalty
+        return logits
+
+    @staticmethod
+    def _choose(logits: np.ndarray, rng: np.random.Generator, params: SamplingParams) -> int:
+        if params.greedy:
+            return int(np.argmax(logits))
+        if params.top_k > 0:
+            logits[np.argsort(logits)[: -params.top_k]] = -np.inf
+        probs = np.exp((logits - logits.max()) / params.temperature)
+        probs /= probs.sum()
+        if params.min_p > 0:
+            probs[probs < params.min_p * probs.max()] = 0.0
+        if params.top_p < 1.0:
+            order = np.argsort(-probs)
+            keep = np.cumsum(probs[order]) - probs[order] < params.top_p
+            mask = np.zeros_like(probs, dtype=bool)
+            mask[order[keep]] = True
+            probs[~mask] = 0.0
+        probs /= probs.sum()
+        return int(rng.choice(len(probs), p=probs))
+
+    def _logprob(self, logits: np.ndarray, token: int, params: SamplingParams) -> TokenLogprob:
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        top = np.argsort(-logprobs)[: params.top_logprobs]
+        return TokenLogprob(
+            token=token,
+            text=self.piece(token),
+            logprob=float(logprobs[token]),
+            top=tuple(TopLogprob(int(t), self.piece(int(t)), float(logprobs[t])) for t in top),
+        )
+
+    def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,80 @@
+"""A Sequence is one choice of one request as it moves through a slot; a Slot is one llama.cpp sequence id."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from server.engine.request import FinishReason, Request, TokenLogprob
+from server.engine.text_stream import TextStream
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # no slot yet
+    PREFILL = "prefill"  # prompt tokens still to compute
+    FORKING = "forking"  # choice > 0 of an n > 1 request: waits for the parent's prefill, then copies it
+    DECODE = "decode"  # has a sampled token waiting to be fed back
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int  # engine-unique; also the backend's sampler id
+    request: Request
+    choice_index: int
+    status: SequenceStatus = SequenceStatus.WAITING
+    slot: int | None = None
+    n_prompt_done: int = 0  # prompt tokens whose KV/state is in the slot
+    n_cached_tokens: int = 0  # of those, how many were reused instead of computed
+    output_tokens: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    text: TextStream = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.text = TextStream(self.request.params.stop)
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.request.prompt_tokens
+
+    @property
+    def n_prompt_tokens(self) -> int:
+        return len(self.request.prompt_tokens)
+
+    @property
+    def pending_token(self) -> int:
+        """The last sampled token, which the next decode feeds back."""
+        return self.output_tokens[-1]
+
+    @property
+    def n_tokens_total(self) -> int:
+        return self.n_prompt_tokens + len(self.output_tokens)
+
+
+@dataclass(eq=False)
+class Slot:
+    """One llama.cpp sequence id, and what its KV cache / recurrent state currently holds."""
+
+    index: int
+    cached_tokens: list[int] = field(default_factory=list)  # tokens whose KV/state is in the slot, in order
+    snapshot_tokens: tuple[int, ...] | None = (
+        None  # tokens of the saved state (models without partial removal)
+    )
+    sequence: Sequence | None = None
+    needs_save: bool = False  # save a snapshot before the next decode (prompt just finished)
+
+    @property
+    def free(self) -> bool:
+        return self.sequence is None
+
+
+@dataclass
+class StepEvent:
+    """What a commit produced for one sequence (the engine turns it into a TokenEvent)."""
+
+    sequence: Sequence
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...]
+    finish_reason: FinishReason | None
+    error: str | None = None

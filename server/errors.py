@@ -1,0 +1,71 @@
+"""Typed errors. Each knows its HTTP status and OpenAI error type; api/errors.py maps them in one place."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """An error a client should see as OpenAI-style JSON: {"error": {message, type, param, code}}."""
+
+    status_code = 500
+    error_type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequestError(ApiError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    code = "context_length_exceeded"
+
+
+class ModelNotFoundError(ApiError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class AuthenticationError(ApiError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class QueueFullError(ApiError):
+    """The waiting queue is at its bound; the client should retry after `retry_after_s`."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeoutError(ApiError):
+    status_code = 504
+    error_type = "timeout_error"
+    code = "request_timeout"
+
+
+class ServiceUnavailableError(ApiError):
+    status_code = 503
+    error_type = "server_error"
+    code = "unavailable"
+
+
+class EngineFailureError(ApiError):
+    """The backend failed while this request was in its batch (llama_decode error)."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "decode_failed"

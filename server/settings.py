@@ -1,0 +1,151 @@
+"""The one settings object. Every field is described; CLI flags (--kebab-case) and environment variables
+(QWEN3_LOCAL_UPPER_CASE) derive from it, so the three can never drift apart."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from convert.registry import DEFAULT_REGISTRY_PATH
+
+ENV_PREFIX = "QWEN3_LOCAL_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    # --- model -------------------------------------------------------------------------------------
+    model: str | None = Field(
+        default=None,
+        description="A models.yaml name or a path to a .gguf file (default: models.yaml's default).",
+    )
+    models_file: Path = Field(default=DEFAULT_REGISTRY_PATH, description="The model registry to read.")
+    served_model_name: str | None = Field(
+        default=None,
+        description="The id clients send as `model` (default: the models.yaml name or file stem).",
+    )
+    allow_download: bool = Field(
+        default=True, description="Pull a models.yaml model from the Hugging Face hub on first use."
+    )
+    chat_template: str | None = Field(
+        default=None, description="Path to a Jinja chat template that replaces the GGUF's own."
+    )
+
+    # --- serving -----------------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
+    api_key: str | None = Field(
+        default=None, description="If set, clients must send `Authorization: Bearer KEY`."
+    )
+    parallel: int = Field(
+        default=4, ge=1, le=256, description="Slots: sequences decoded together (n_seq_max)."
+    )
+    ctx_size: int | None = Field(
+        default=None,
+        ge=16,
+        description="Context length of each slot (prompt + output). Default: the model's models.yaml context, "
+        "else its training context, capped at 8192.",
+    )
+    max_queue: int = Field(
+        default=64, ge=0, description="Requests that may wait for a free slot; more get 429 with Retry-After."
+    )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="A request still unfinished after this many seconds fails with 504."
+    )
+    max_batch_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="Token budget of one step: decode tokens of every running slot plus prefill chunks (n_batch).",
+    )
+    prefix_reuse: bool = Field(
+        default=True, description="Reuse a slot's cached prompt prefix (KV or saved state) for a new request."
+    )
+
+    # --- llama.cpp ---------------------------------------------------------------------------------
+    threads: int | None = Field(
+        default=None, ge=1, description="CPU threads for decoding (default: physical cores)."
+    )
+    threads_batch: int | None = Field(
+        default=None, ge=1, description="CPU threads for prefill (default: threads)."
+    )
+    n_ubatch: int = Field(default=512, ge=1, description="Physical micro-batch size inside one decode.")
+    n_gpu_layers: int = Field(
+        default=-1, description="Layers to offload to the GPU (-1: all; ignored on CPU)."
+    )
+    kv_type: Literal["f16", "f32", "q8_0", "q4_0"] = Field(default="f16", description="KV cache data type.")
+    flash_attn: Literal["auto", "on", "off"] = Field(default="auto", description="llama.cpp flash attention.")
+    mmap: bool = Field(default=True, description="Memory-map the model file.")
+    mlock: bool = Field(default=False, description="Lock the model in RAM.")
+    extra_bufts: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="llama.cpp's extra CPU buffer types (AMX, repacking). auto: probe once per machine and "
+        "llama.cpp build in a child process, and turn them off where they crash or compute wrong results.",
+    )
+    auto_offload: bool = Field(
+        default=False,
+        description="Plan GPU/CPU placement of layers and MoE experts, context and KV type from the GGUF and "
+        "this machine (see `python -m offload plan`).",
+    )
+    cache_dir: Path = Field(
+        default=Path(os.path.expanduser("~/.cache/qwen3-local")),
+        description="Where probe verdicts and hardware profiles are cached.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+
+    def effective_threads(self) -> int:
+        import psutil
+
+        return self.threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _argument_options(annotation: Any) -> dict[str, Any]:
+    """argparse keyword arguments for a field's type: bools become --x/--no-x, Literals become choices."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    base = args[0] if get_origin(annotation) is not None and args else annotation
+    if base is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if get_origin(base) is Literal:
+        return {"choices": list(get_args(base))}
+    return {"type": str, "metavar": base.__name__.upper() if hasattr(base, "__name__") else "VALUE"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="qwen3-local: an OpenAI-compatible server for GGUF models with continuous batching. "
+        f"Every flag can also be set as an environment variable {ENV_PREFIX}<NAME>.",
+    )
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        parser.add_argument(
+            _flag(name),
+            dest=name,
+            default=argparse.SUPPRESS,
+            help=f"{field.description} [default: {default}]",
+            **_argument_options(field.annotation),
+        )
+    return parser
+
+
+class SettingsError(ValueError):
+    """A flag or environment variable has a bad value; the message names it."""
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Settings from defaults < environment < command line; errors name the flag."""
+    parsed = vars(build_parser().parse_args(argv))
+    try:
+        return Settings(**parsed)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "?"
+        raise SettingsError(f"{_flag(name)} / {ENV_PREFIX}{name.upper()}: {first['msg']}") from exc
