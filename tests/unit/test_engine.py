@@ -1,0 +1,178 @@
+"""The engine thread and its asyncio bridge, with the fake backend."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+import pytest
+
+from server.engine.engine import Engine, EngineConfig
+from server.engine.fake_backend import FakeBackend, FakeBackendConfig
+from server.engine.request import FinishReason, Request, TokenEvent
+from server.engine.sampling import SamplingParams
+from server.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError, ServiceUnavailableError
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+def run_with_engine(
+    body: Callable[[Engine, FakeBackend], Awaitable[None]],
+    backend_config: FakeBackendConfig | None = None,
+    engine_config: EngineConfig | None = None,
+) -> None:
+    async def main() -> None:
+        backend = FakeBackend(backend_config or FakeBackendConfig())
+        engine = Engine(backend, engine_config or EngineConfig(max_batch_tokens=64))
+        engine.start()
+        try:
+            await body(engine, backend)
+        finally:
+            engine.stop()
+
+    asyncio.run(main())
+
+
+async def collect(engine: Engine, request: Request) -> list[TokenEvent]:
+    return [event async for event in engine.submit(request)]
+
+
+def text_of(events: list[TokenEvent], choice: int = 0) -> str:
+    return "".join(e.text for e in events if e.choice_index == choice)
+
+
+def request(prompt: str, params: SamplingParams = GREEDY, **kwargs: object) -> Request:
+    return Request(tuple(prompt.encode()), params, **kwargs)  # type: ignore[arg-type]
+
+
+def test_concurrent_requests_equal_their_solo_runs() -> None:
+    prompts = [f"prompt number {i} " * (1 + i % 3) for i in range(12)]
+
+    async def body(engine: Engine, backend: FakeBackend) -> None:
+        solo = [text_of(await collect(engine, request(p))) for p in prompts]
+        together = await asyncio.gather(*(collect(engine, request(p)) for p in prompts))
+        assert [text_of(events) for events in together] == solo
+        assert max(len(b) for b in backend.batches) == 4, "all four slots decoded together"
+        usage = together[0][-1]
+        assert usage.n_generated_tokens == 12 and usage.n_prompt_tokens == len(prompts[0])
+
+    run_with_engine(body)
+
+
+def test_queue_full_is_refused_with_retry_after() -> None:
+    async def body(engine: Engine, backend: FakeBackend) -> None:
+        long = replace(GREEDY, max_tokens=40)
+        streams = [engine.submit(request(f"r{i}", long)) for i in range(3)]  # 1 slot + 2 queued
+        with pytest.raises(QueueFullError) as excinfo:
+            engine.submit(request("one too many", long))
+        assert excinfo.value.retry_after_s >= 1
+        for stream in streams:
+            stream.cancel()
+
+    run_with_engine(
+        body,
+        FakeBackendConfig(n_slots=1, step_delay_s=0.01),
+        EngineConfig(max_batch_tokens=64, max_queue=2),
+    )
+
+
+def test_validation_errors_are_raised_at_submit() -> None:
+    async def body(engine: Engine, backend: FakeBackend) -> None:
+        with pytest.raises(ContextLengthExceededError, match="context is 64"):
+            engine.submit(request("x" * 60, replace(GREEDY, max_tokens=10)))
+        with pytest.raises(ContextLengthExceededError):
+            engine.submit(request("x" * 64))
+        with pytest.raises(InvalidRequestError, match="slots"):
+            engine.submit(request("x", n=5))
+        with pytest.raises(InvalidRequestError, match="empty"):
+            engine.submit(Request((), GREEDY))
+        with pytest.raises(InvalidRequestError, match="token ids"):
+            engine.submit(Request((1, 100_000), GREEDY))
+        events = await collect(engine, request("still serving"))
+        assert events[-1].finish_reason is FinishReason.LENGTH
+
+    run_with_engine(body, FakeBackendConfig(n_ctx_per_slot=64))
+
+
+def test_submit_before_start_is_unavailable() -> None:
+    engine = Engine(FakeBackend())
+    with pytest.raises(ServiceUnavailableError):
+        engine.submit(request("x"))
+
+
+def test_cancel_mid_stream_frees_the_slot() -> None:
+    async def body(engine: Engine, backend: FakeBackend) -> None:
+        stream = engine.submit(request("endless", replace(GREEDY, max_tokens=60)))
+        seen = 0
+        async for _event in stream:
+            seen += 1
+            if seen == 3:
+                break  # the reader leaves: closing the iterator cancels the request
+        for _ in range(100):
+            if engine.slots()[0].state == "idle":
+                break
+            await asyncio.sleep(0.01)
+        assert engine.slots()[0].state == "idle"
+        events = await collect(engine, request("next one"))
+        assert events[-1].finish_reason is FinishReason.LENGTH
+        assert backend.n_live_samplers() == 0
+
+    run_with_engine(body, FakeBackendConfig(n_slots=1, step_delay_s=0.005))
+
+
+def test_failed_decode_fails_only_that_batch() -> None:
+    poison = ord("#")
+
+    async def body(engine: Engine, backend: FakeBackend) -> None:
+        bad = await collect(engine, request("bad # prompt"))
+        assert bad[-1].finish_reason is FinishReason.ERROR
+        assert "injected decode failure" in (bad[-1].error or "")
+        good = await collect(engine, request("good prompt"))
+        assert good[-1].finish_reason is FinishReason.LENGTH
+        assert engine.stats().n_decode_errors == 1
+        assert engine.stats().n_requests_failed == 1
+
+    run_with_engine(body, FakeBackendConfig(fail_on_token=poison))
+
+
+def test_request_deadline_times_out() -> None:
+    async def body(engine: Engine, backend: FakeBackend) -> None:
+        slow = request("slow", replace(GREEDY, max_tokens=60), deadline=time.monotonic() + 0.1)
+        events = await collect(engine, slow)
+        assert events[-1].finish_reason is FinishReason.TIMEOUT
+        assert 0 < sum(len(e.token_ids) for e in events) < 60
+
+    run_with_engine(body, FakeBackendConfig(step_delay_s=0.01))
+
+
+def test_stop_fails_unfinished_requests() -> None:
+    async def main() -> None:
+        engine = Engine(FakeBackend(FakeBackendConfig(n_slots=1, step_delay_s=0.01)))
+        engine.start()
+        stream = engine.submit(request("forever", replace(GREEDY, max_tokens=60)))
+        iterator = aiter(stream)
+        await anext(iterator)
+        engine.stop()
+        rest = [event async for event in iterator]
+        assert rest[-1].finish_reason is FinishReason.ERROR
+        assert rest[-1].error == "server shutting down"
+
+    asyncio.run(main())
+
+
+def test_stats_and_slots_report_activity() -> None:
+    async def body(engine: Engine, backend: FakeBackend) -> None:
+        stream = engine.submit(request("watch me", replace(GREEDY, max_tokens=30)))
+        iterator = aiter(stream)
+        await anext(iterator)
+        busy = [s for s in engine.slots() if s.state != "idle"]
+        assert len(busy) == 1 and busy[0].request_id == stream.request_id and busy[0].n_prompt_tokens == 8
+        assert engine.stats().n_slots_busy == 1
+        async for _ in iterator:
+            pass
+        stats = engine.stats()
+        assert stats.n_generated_tokens == 30 and stats.n_requests_finished == 1 and stats.n_steps >= 30
+
+    run_with_engine(body, FakeBackendConfig(step_delay_s=0.002))

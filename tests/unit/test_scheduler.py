@@ -1,0 +1,372 @@
+"""The scheduler, driven step by step against the deterministic fake backend (no model, no threads)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from server.engine.fake_backend import EOS, FakeBackend, FakeBackendConfig
+from server.engine.request import FinishReason, Request
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, common_prefix_length
+from server.engine.sequence import Sequence, StepEvent
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
+
+
+class Harness:
+    """A scheduler plus the fake backend, with one call per engine step."""
+
+    def __init__(self, *, n_slots: int = 4, n_ctx: int = 64, budget: int = 16, partial: bool = True) -> None:
+        self.backend = FakeBackend(
+            FakeBackendConfig(n_slots=n_slots, n_ctx_per_slot=n_ctx, n_batch=budget, supports_partial_removal=partial)
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                n_slots=n_slots,
+                n_ctx_per_slot=n_ctx,
+                max_batch_tokens=budget,
+                supports_partial_removal=partial,
+                snapshot_min_tokens=4,
+            ),
+            self.backend,
+        )
+        self.n_seq = 0
+        self.plans: list[StepPlan] = []
+        self.events: list[StepEvent] = []
+
+    def submit(self, prompt: bytes | str, params: SamplingParams = GREEDY, n: int = 1) -> Request:
+        tokens = tuple(prompt.encode() if isinstance(prompt, str) else prompt)
+        request = Request(tokens, params, n=n)
+        choices = []
+        for index in range(n):
+            choices.append(Sequence(self.n_seq, request, index))
+            self.n_seq += 1
+        self.scheduler.add(choices)
+        return request
+
+    def step(self) -> StepPlan:
+        plan = self.scheduler.schedule()
+        for seq in plan.admitted:
+            self.backend.new_sampler(seq.seq_id, seq.request.params)
+        self.backend.apply(plan.ops)
+        if plan.entries:
+            self.backend.decode(plan.entries)
+        sampled = {seq.seq_id: self.backend.sample(seq.seq_id, i, seq.request.params) for seq, i in plan.samples}
+        events = self.scheduler.commit(plan, sampled)
+        for event in events:
+            if event.finish_reason is not None:
+                self.backend.free_sampler(event.sequence.seq_id)
+        self.plans.append(plan)
+        self.events += events
+        return plan
+
+    def run(self, max_steps: int = 500) -> None:
+        for _ in range(max_steps):
+            if not self.scheduler.has_work:
+                return
+            self.step()
+        raise AssertionError("scheduler did not finish")
+
+    def text(self, request: Request, choice: int = 0) -> str:
+        return "".join(
+            e.text
+            for e in self.events
+            if e.sequence.request.request_id == request.request_id and e.sequence.choice_index == choice
+        )
+
+    def finish(self, request: Request, choice: int = 0) -> FinishReason | None:
+        reasons = [
+            e.finish_reason
+            for e in self.events
+            if e.sequence.request.request_id == request.request_id
+            and e.sequence.choice_index == choice
+            and e.finish_reason
+        ]
+        assert len(reasons) == 1, reasons
+        return reasons[0]
+
+
+def alone(prompt: str, params: SamplingParams = GREEDY, **kwargs: int | bool) -> str:
+    h = Harness(**kwargs)  # type: ignore[arg-type]
+    request = h.submit(prompt, params)
+    h.run()
+    return h.text(request)
+
+
+def test_common_prefix_length() -> None:
+    assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix_length([], [1]) == 0
+    assert common_prefix_length([1, 2], [1, 2]) == 2
+
+
+def test_prefill_and_decode_share_one_step() -> None:
+    h = Harness(budget=16)
+    first = h.submit("abcd")
+    h.step()  # prefill of the first request
+    second = h.submit("0123456789")
+    plan = h.step()
+    kinds = {(e.slot, len(e.tokens)) for e in plan.entries}
+    assert kinds == {(0, 1), (1, 10)}, "one decode token for slot 0 and the whole prompt of slot 1"
+    assert [e.slot for e in plan.entries] == [0, 1]
+    h.run()
+    assert h.text(first) == alone("abcd")
+    assert h.text(second) == alone("0123456789")
+
+
+def test_token_budget_is_respected_and_long_prompts_are_chunked() -> None:
+    h = Harness(budget=8, n_ctx=128)
+    running = h.submit("ab", replace(GREEDY, max_tokens=30))
+    h.step()
+    long_request = h.submit("x" * 40)
+    h.run()
+    assert max(p.n_tokens for p in h.plans) <= 8
+    chunks = [e for p in h.plans for e in p.entries if e.slot == 1 and len(e.tokens) > 1]
+    assert [len(c.tokens) for c in chunks] == [7, 7, 7, 7, 7, 5], "7 prefill tokens beside 1 decode token per step"
+    assert [c.start_pos for c in chunks] == [0, 7, 14, 21, 28, 35]
+    decode_steps = [p for p in h.plans if any(e.slot == 0 and len(e.tokens) == 1 for e in p.entries)]
+    assert len(decode_steps) >= 6, "the running stream kept decoding while the long prompt was prefilled"
+    assert h.text(long_request) == alone("x" * 40, n_ctx=128)
+    assert h.text(running) == alone("ab", replace(GREEDY, max_tokens=30), n_ctx=128)
+
+
+def test_entries_are_ordered_by_slot_and_logits_indices_match() -> None:
+    h = Harness(budget=32)
+    for prompt in ["aaaa", "bb", "cccccc"]:
+        h.submit(prompt)
+    plan = h.step()
+    assert [e.slot for e in plan.entries] == [0, 1, 2]
+    assert [index for _, index in plan.samples] == [3, 5, 11]
+
+
+def test_slot_is_reused_after_finish_and_the_lowest_free_slot_is_taken() -> None:
+    h = Harness(n_slots=2)
+    a = h.submit("first", replace(GREEDY, max_tokens=2))
+    b = h.submit("second", replace(GREEDY, max_tokens=6))
+    c = h.submit("zzz")  # waits: both slots busy
+    h.step()
+    assert h.scheduler.n_waiting == 1
+    h.step()  # a finishes here (2 tokens)
+    assert h.finish(a) is FinishReason.LENGTH
+    h.step()
+    assert h.scheduler.slots[0].sequence is not None
+    assert h.scheduler.slots[0].sequence.request is c
+    h.run()
+    assert h.finish(b) is FinishReason.LENGTH
+    assert h.text(c) == alone("zzz")
+
+
+def test_cancel_frees_the_slot_for_a_waiting_request() -> None:
+    h = Harness(n_slots=1)
+    long_running = h.submit("abc", replace(GREEDY, max_tokens=50))
+    waiting = h.submit("def")
+    h.step()
+    h.step()
+    events = h.scheduler.cancel(long_running.request_id)
+    assert [e.finish_reason for e in events] == [FinishReason.CANCELLED]
+    assert h.scheduler.slots[0].free
+    h.run()
+    assert h.text(waiting) == alone("def")
+    assert h.backend.n_live_samplers() == 1, "the cancelled sequence's sampler is the engine's to free"
+
+
+def test_cancel_of_a_waiting_request_removes_it_from_the_queue() -> None:
+    h = Harness(n_slots=1)
+    h.submit("abc")
+    waiting = h.submit("def")
+    h.step()
+    h.scheduler.cancel(waiting.request_id)
+    assert h.scheduler.n_waiting == 0
+    h.run()
+    assert all(e.sequence.request is not waiting or e.finish_reason for e in h.events)
+
+
+def test_new_request_takes_the_slot_with_the_longest_shared_prefix() -> None:
+    h = Harness(n_slots=3)
+    h.submit("system prompt: be terse. user: hi")
+    h.submit("another conversation entirely")
+    h.submit("third")
+    h.run()
+    follow_up = h.submit("another conversation entirely, continued")
+    plan = h.step()
+    assert follow_up is h.scheduler.slots[1].sequence.request  # type: ignore[union-attr]
+    (entry,) = plan.entries
+    n_shared = len("another conversation entirely")
+    assert entry.start_pos == n_shared and len(entry.tokens) == len(follow_up.prompt_tokens) - n_shared
+    h.run()
+    assert h.text(follow_up) == alone("another conversation entirely, continued")
+    assert h.events[-1].sequence.n_cached_tokens == n_shared
+
+
+def test_identical_prompt_recomputes_only_its_last_token() -> None:
+    h = Harness(n_slots=1)
+    first = h.submit("repeat me")
+    h.run()
+    again = h.submit("repeat me")
+    plan = h.step()
+    assert [op.kind for op in plan.ops] == ["truncate"]
+    assert plan.entries[0].tokens == (ord("e"),)
+    h.run()
+    assert h.text(again) == h.text(first)
+
+
+def test_recurrent_model_restores_a_snapshot_instead_of_truncating() -> None:
+    h = Harness(n_slots=1, partial=False)
+    first = h.submit("shared prefix", replace(GREEDY, max_tokens=4))
+    h.run()
+    assert [op.kind for p in h.plans for op in p.ops] == ["save"], "prompt state saved once prefilled"
+    second = h.submit("shared prefix and more")
+    plan = h.step()
+    assert [op.kind for op in plan.ops] == ["restore"]
+    assert plan.entries[0].start_pos == len("shared prefix")
+    h.run()
+    assert h.text(second) == alone("shared prefix and more", partial=False)
+    assert h.text(first) == alone("shared prefix", replace(GREEDY, max_tokens=4), partial=False)
+    assert not any(op.kind == "truncate" for op in h.backend.ops)
+
+
+def test_recurrent_model_continues_a_conversation_without_restoring() -> None:
+    h = Harness(n_slots=1, partial=False)
+    first = h.submit("hello", replace(GREEDY, max_tokens=3))
+    h.run()
+    history = "hello" + h.text(first)[:2]  # the slot holds prompt + all but the last sampled token
+    follow = h.submit(history + " next")
+    plan = h.step()
+    assert plan.ops == []
+    assert plan.entries[0].start_pos == len(history)
+    h.run()
+    assert h.text(follow) == alone(history + " next", partial=False)
+
+
+def test_recurrent_model_clears_when_nothing_is_reusable() -> None:
+    h = Harness(n_slots=1, partial=False)
+    h.submit("abcdefgh", replace(GREEDY, max_tokens=2))
+    h.run()
+    other = h.submit("abcxyz")  # shares 3 tokens, but state cannot be cut back to them
+    plan = h.step()
+    assert [op.kind for op in plan.ops] == ["clear"]
+    assert plan.entries[0].start_pos == 0
+    h.run()
+    assert h.text(other) == alone("abcxyz", partial=False)
+
+
+def test_prefix_reuse_can_be_switched_off() -> None:
+    h = Harness(n_slots=1)
+    h.scheduler = Scheduler(replace(h.scheduler.config, prefix_reuse=False), h.backend)
+    h.submit("same")
+    h.run()
+    h.submit("same")
+    plan = h.step()
+    assert [op.kind for op in plan.ops] == ["clear"] and plan.entries[0].start_pos == 0
+
+
+def test_stop_string_split_across_tokens_is_never_emitted() -> None:
+    reference = alone("stop test", replace(GREEDY, max_tokens=12))
+    stop = reference[5:8]  # three characters = three byte tokens, so the stop string spans tokens
+    h = Harness()
+    request = h.submit("stop test", replace(GREEDY, max_tokens=12, stop=(stop, "never-seen")))
+    h.run()
+    assert h.text(request) == reference[:5]
+    assert h.finish(request) is FinishReason.STOP
+    emitted = [e.text for e in h.events]
+    assert all(stop not in piece for piece in emitted)
+
+
+def test_max_tokens_is_exact() -> None:
+    h = Harness()
+    request = h.submit("count", replace(GREEDY, max_tokens=5))
+    h.run()
+    assert h.finish(request) is FinishReason.LENGTH
+    assert sum(len(e.token_ids) for e in h.events) == 5
+
+
+def test_generation_stops_with_length_at_the_context_end() -> None:
+    h = Harness(n_ctx=20)
+    request = h.submit("0123456789", replace(GREEDY, max_tokens=None))
+    h.run()
+    assert h.finish(request) is FinishReason.LENGTH
+    assert sum(len(e.token_ids) for e in h.events) == 10, "prompt 10 + output 10 = the 20-token context"
+    assert max(e.start_pos + len(e.tokens) for p in h.plans for e in p.entries) <= 20
+
+
+def test_end_of_generation_token_stops_unless_ignored() -> None:
+    eos_first = SamplingParams(temperature=0.0, max_tokens=5, logit_bias={EOS: 100.0})
+    h = Harness()
+    stopped = h.submit("x", eos_first)
+    ignoring = h.submit("y", replace(eos_first, ignore_eos=True))
+    h.run()
+    assert h.finish(stopped) is FinishReason.STOP
+    assert [t for e in h.events if e.sequence.request is stopped for t in e.token_ids] == [EOS]
+    assert h.finish(ignoring) is FinishReason.LENGTH
+
+
+def test_n_choices_share_one_prefill_and_differ_when_sampled() -> None:
+    h = Harness(n_slots=4)
+    params = SamplingParams(temperature=1.5, max_tokens=8, seed=None)
+    request = h.submit("shared prompt", params, n=3)
+    h.run()
+    prefill_entries = [e for p in h.plans for e in p.entries if len(e.tokens) > 1]
+    assert len(prefill_entries) == 1, "the prompt is computed once"
+    copies = [op for p in h.plans for op in p.ops if op.kind == "copy"]
+    assert sorted((op.src, op.slot) for op in copies) == [(0, 1), (0, 2)]
+    texts = {h.text(request, i) for i in range(3)}
+    assert all(len(t) == 8 for t in texts)
+    assert len(texts) > 1
+    for i in range(3):
+        assert h.finish(request, i) is FinishReason.LENGTH
+
+
+def test_n_choices_wait_until_enough_slots_are_free() -> None:
+    h = Harness(n_slots=2)
+    first = h.submit("a", replace(GREEDY, max_tokens=3))
+    pair = h.submit("b", GREEDY, n=2)
+    h.step()
+    assert h.scheduler.n_waiting == 1, "two choices need two free slots"
+    h.run()
+    assert h.text(pair, 0) == h.text(pair, 1) == alone("b")
+    assert h.finish(first) is FinishReason.LENGTH
+
+
+def test_failed_decode_fails_only_the_batch_and_forgets_its_slots() -> None:
+    h = Harness(n_slots=2)
+    h.submit("fine", replace(GREEDY, max_tokens=3))
+    h.run()
+    ok = h.submit("fine", replace(GREEDY, max_tokens=3))
+    plan = h.scheduler.schedule()
+    events = h.scheduler.fail(plan, "boom")
+    assert [(e.sequence.request is ok, e.finish_reason, e.error) for e in events] == [
+        (True, FinishReason.ERROR, "boom")
+    ]
+    next_plan = h.scheduler.schedule()
+    assert [op.kind for op in next_plan.ops] == ["clear"]
+    assert h.scheduler.slots[0].cached_tokens == []
+
+
+def test_expired_requests_time_out_waiting_or_running() -> None:
+    h = Harness(n_slots=1)
+    running = Request(tuple(b"abc"), replace(GREEDY, max_tokens=50), deadline=10.0)
+    waiting = Request(tuple(b"def"), GREEDY, deadline=10.0)
+    h.scheduler.add([Sequence(0, running, 0)])
+    h.scheduler.add([Sequence(1, waiting, 0)])
+    h.backend.new_sampler(0, running.params)
+    h.step()
+    events = h.scheduler.expire(now=11.0)
+    assert sorted(e.sequence.request.request_id for e in events) == sorted([running.request_id, waiting.request_id])
+    assert {e.finish_reason for e in events} == {FinishReason.TIMEOUT}
+    assert not h.scheduler.has_work
+
+
+def test_budget_smaller_than_slots_is_rejected() -> None:
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        SchedulerConfig(n_slots=8, n_ctx_per_slot=64, max_batch_tokens=4)
+
+
+def test_sampled_token_logprobs_travel_with_the_event() -> None:
+    h = Harness()
+    h.submit("lp", SamplingParams(temperature=0.0, max_tokens=2, logprobs=True, top_logprobs=3))
+    h.run()
+    logprobs = [lp for e in h.events for lp in e.logprobs]
+    assert len(logprobs) == 2
+    assert all(len(lp.top) == 3 and lp.top[0].logprob >= lp.top[1].logprob for lp in logprobs)
+    assert all(lp.token == lp.top[0].token for lp in logprobs), "greedy picks the most likely token"
