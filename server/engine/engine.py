@@ -175,6 +175,8 @@ class Engine:
 
     def submit(self, request: Request) -> RequestStream:
         self._validate(request)
+        if request.deadline is None and self.config.request_timeout_s is not None:
+            request = replace(request, deadline=request.arrival_time + self.config.request_timeout_s)
         with self._lock:
             if self._n_waiting >= self.config.max_queue + self._n_free_slots:
                 raise QueueFullError(
@@ -229,9 +231,7 @@ class Engine:
                 param="n",
             )
         if any(not 0 <= t < self.info.n_vocab for t in request.prompt_tokens):
-            raise InvalidRequestError(
-                f"prompt holds token ids outside [0, {self.info.n_vocab})", param="prompt"
-            )
+            raise InvalidRequestError(f"prompt holds token ids outside [0, {self.info.n_vocab})", param="prompt")
         max_tokens = request.params.max_tokens
         if n_prompt >= n_ctx:
             raise ContextLengthExceededError(
@@ -294,8 +294,7 @@ class Engine:
                 return []
             self._backend.decode(plan.entries)
             sampled: dict[int, SampledToken] = {
-                seq.seq_id: self._backend.sample(seq.seq_id, index, seq.request.params)
-                for seq, index in plan.samples
+                seq.seq_id: self._backend.sample(seq.seq_id, index, seq.request.params) for seq, index in plan.samples
             }
         except BackendError as exc:
             log.error("decode of %d tokens failed: %s", plan.n_tokens, exc)
@@ -355,9 +354,7 @@ class Engine:
             statuses.append(
                 SlotStatus(
                     slot=slot.index,
-                    state="idle"
-                    if seq is None
-                    else ("prefill" if seq.status.value == "prefill" else "decode"),
+                    state="idle" if seq is None else ("prefill" if seq.status.value == "prefill" else "decode"),
                     request_id=seq.request.request_id if seq else None,
                     choice_index=seq.choice_index if seq else 0,
                     n_cached_tokens=len(slot.cached_tokens),

@@ -1,0 +1,49 @@
+"""`python -m server`: settings from flags and environment, then the HTTP server."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from convert.registry import RegistryError
+from server.settings import Settings, SettingsError, load_settings
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+
+    import uvicorn
+
+    from server.app import create_app
+    from server.engine.loader import resolve_settings_model
+
+    try:
+        model = resolve_settings_model(settings)  # fail fast, before binding the port, on a bad --model
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    logging.getLogger("server").info("model %s: %s", model.name, model.path)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    load_error = getattr(app.state, "load_error", None)
+    if load_error is not None:
+        print(f"error: the model failed to load: {load_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The engine on real llama.cpp with tiny random-weight models of the real architectures, 4 slots.
+
+qwen3next is the case that matters most: a hybrid of Gated DeltaNet (recurrent state, which llama.cpp cannot
+cut back to a prefix) and gated attention, with routed + shared experts. Batched results must equal
+single-sequence results, and prefix reuse (state snapshot + restore) must give exactly a cold run's tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from server.engine.engine import Engine, EngineConfig
+from server.engine.llama_backend import LlamaBackend, LlamaBackendConfig
+from server.engine.request import FinishReason, Request, TokenEvent
+from server.engine.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Once upon a time, in a land far away,",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers: 1, 2, 3, 4, 5, 6, 7, 8, 9",
+    "Qwen3-Next mixes linear attention with full attention.",
+    "short",
+]
+
+
+def make_engine(model: Path, *, n_slots: int = 4, prefix_reuse: bool = True) -> Engine:
+    backend = LlamaBackend(
+        model,
+        LlamaBackendConfig(
+            n_slots=n_slots,
+            n_ctx_per_slot=256,
+            n_batch=64,
+            n_ubatch=64,
+            n_threads=2,
+            use_extra_bufts=False,
+            type_k="f32",
+            type_v="f32",
+            flash_attn="off",
+        ),
+    )
+    return Engine(backend, EngineConfig(max_batch_tokens=64, prefix_reuse=prefix_reuse, snapshot_min_tokens=8))
+
+
+async def generate(engine: Engine, prompt: str | tuple[int, ...], params: SamplingParams = GREEDY) -> list[TokenEvent]:
+    tokens = (
+        tuple(engine.vocab.tokenize(prompt, add_special=True, parse_special=False))
+        if isinstance(prompt, str)
+        else prompt
+    )
+    return [event async for event in engine.submit(Request(tokens, params))]
+
+
+def tokens_of(events: list[TokenEvent]) -> list[int]:
+    return [t for e in events for t in e.token_ids]
+
+
+def run(engine: Engine, body):  # type: ignore[no-untyped-def]
+    async def main():  # type: ignore[no-untyped-def]
+        engine.start()
+        try:
+            return await body()
+        finally:
+            engine.stop()
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(params=["qwen3next", "qwen3moe", "llama"])
+def tiny_model(request: pytest.FixtureRequest) -> Path:
+    return Path(request.getfixturevalue(f"tiny_{request.param}_gguf"))
+
+
+def test_batched_results_equal_single_sequence_results(tiny_model: Path) -> None:
+    solo_engine = make_engine(tiny_model, n_slots=1)
+    solo = run(solo_engine, lambda: _sequentially(solo_engine))
+    engine = make_engine(tiny_model)
+
+    async def together() -> list[list[int]]:
+        results = await asyncio.gather(*(generate(engine, p) for p in PROMPTS))
+        return [tokens_of(events) for events in results]
+
+    batched = run(engine, together)
+    assert batched == solo
+    assert all(len(tokens) == 16 for tokens in batched)
+    assert len({tuple(t) for t in batched}) > 1, "different prompts should not all give the same output"
+
+
+async def _sequentially(engine: Engine) -> list[list[int]]:
+    return [tokens_of(await generate(engine, p)) for p in PROMPTS]
+
+
+def test_qwen3next_prefix_reuse_restores_state_and_matches_a_cold_run(tiny_qwen3next_gguf: Path) -> None:
+    engine = make_engine(tiny_qwen3next_gguf, n_slots=1)
+    assert not engine.info.supports_partial_removal
+    system = "You are a helpful assistant. Answer briefly and precisely. "
+    first_prompt = system + "Question one?"
+    second_prompt = system + "Question one? And a follow-up question."
+
+    n_first_prompt_tokens = len(engine.vocab.tokenize(first_prompt, add_special=True, parse_special=False))
+
+    async def warm() -> tuple[list[TokenEvent], list[TokenEvent], list[TokenEvent]]:
+        first = await generate(engine, first_prompt)
+        second = await generate(engine, second_prompt)  # restores the state saved after first_prompt
+        # the slot now holds second's prompt + all of its output but the last token: continue from there
+        history = tuple(engine.vocab.tokenize(second_prompt, add_special=True, parse_special=False))
+        third = await generate(engine, history + tuple(tokens_of(second)[:-1]) + (5, 6, 7))
+        return first, second, third
+
+    first, second, third = run(engine, warm)
+    assert first[-1].n_cached_tokens == 0
+    assert second[-1].n_cached_tokens == n_first_prompt_tokens
+    assert third[-1].n_cached_tokens == third[-1].n_prompt_tokens - 3
+
+    cold_engine = make_engine(tiny_qwen3next_gguf, n_slots=1, prefix_reuse=False)
+
+    async def cold() -> tuple[list[TokenEvent], list[TokenEvent]]:
+        second_cold = await generate(cold_engine, second_prompt)
+        history = tuple(cold_engine.vocab.tokenize(second_prompt, add_special=True, parse_special=False))
+        third_cold = await generate(cold_engine, history + tuple(tokens_of(second)[:-1]) + (5, 6, 7))
+        return second_cold, third_cold
+
+    second_cold, third_cold = run(cold_engine, cold)
+    assert second_cold[-1].n_cached_tokens == 0
+    assert tokens_of(second) == tokens_of(second_cold)
+    assert tokens_of(third) == tokens_of(third_cold)
+
+
+def test_qwen3next_n_choices_fork_the_recurrent_state(tiny_qwen3next_gguf: Path) -> None:
+    engine = make_engine(tiny_qwen3next_gguf)
+    prompt = "Fork this prompt into three choices."
+    params = replace(GREEDY, max_tokens=12)
+
+    async def body() -> tuple[list[TokenEvent], list[TokenEvent]]:
+        single = await generate(engine, prompt, params)
+        tokens = tuple(engine.vocab.tokenize(prompt, add_special=True, parse_special=False))
+        forked = [event async for event in engine.submit(Request(tokens, params, n=3))]
+        return single, forked
+
+    single, forked = run(engine, body)
+    for choice in range(3):
+        choice_tokens = [t for e in forked if e.choice_index == choice for t in e.token_ids]
+        assert choice_tokens == tokens_of(single), f"greedy choice {choice} differs from the single run"
+    assert {e.finish_reason for e in forked if e.finish_reason} == {FinishReason.LENGTH}

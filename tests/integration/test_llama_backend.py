@@ -1,0 +1,358 @@
+"""LlamaBackend on real models: SmolLM2 (the embedded default) and a tiny synthetic qwen3next."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from convert.registry import resolve_model
+from convert.synth import write_synthetic_model
+from server.engine.backend import BackendError, BatchEntry, CacheOp, DecodeError
+from server.engine.llama_backend import LlamaBackend, LlamaBackendConfig, parse_memory_report
+from server.engine.sampling import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+N_SLOTS = 4
+N_CTX_PER_SLOT = 512  # a multiple of 256, so llama.cpp keeps it as asked
+GREEDY = SamplingParams(temperature=0.0)
+PROMPTS = (
+    "The capital of France is",
+    "Write a haiku about the sea:",
+    "def fibonacci(n):",
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2_path() -> Path:
+    return resolve_model("smollm2-135m-instruct").path
+
+
+@pytest.fixture(scope="module")
+def config() -> LlamaBackendConfig:
+    # use_extra_bufts=False: batched and single-sequence results are compared (see llama-cpp-facts.md).
+    return LlamaBackendConfig(n_slots=N_SLOTS, n_ctx_per_slot=N_CTX_PER_SLOT, n_batch=256, n_ubatch=256, n_threads=2)
+
+
+@pytest.fixture(scope="module")
+def backend(smollm2_path: Path, config: LlamaBackendConfig) -> Iterator[LlamaBackend]:
+    loaded = LlamaBackend(smollm2_path, config, name="smollm2")
+    yield loaded
+    loaded.close()
+
+
+@pytest.fixture
+def clean(backend: LlamaBackend) -> LlamaBackend:
+    backend.apply([CacheOp("clear", slot=slot) for slot in range(N_SLOTS)])
+    return backend
+
+
+def tokens_of(backend: LlamaBackend, text: str) -> tuple[int, ...]:
+    return tuple(backend.tokenize(text, add_special=True, parse_special=False))
+
+
+def prefill(backend: LlamaBackend, slot: int, tokens: Sequence[int]) -> npt.NDArray[np.float32]:
+    backend.decode([BatchEntry(slot, tuple(tokens), 0, True)])
+    return backend.logits(len(tokens) - 1)
+
+
+def step(backend: LlamaBackend, slot: int, token: int, pos: int) -> npt.NDArray[np.float32]:
+    backend.decode([BatchEntry(slot, (token,), pos, True)])
+    return backend.logits(0)
+
+
+def greedy_run(
+    backend: LlamaBackend, prompts: Sequence[tuple[int, ...]], slots: Sequence[int], n_steps: int
+) -> tuple[list[list[int]], list[list[npt.NDArray[np.float32]]]]:
+    """Prefill all prompts in one batch, then n_steps greedy steps with all slots in one batch each."""
+    for sampler_id in slots:
+        backend.new_sampler(sampler_id, GREEDY)
+    generated: list[list[int]] = [[] for _ in slots]
+    logits: list[list[npt.NDArray[np.float32]]] = [[] for _ in slots]
+    entries = [BatchEntry(slot, prompt, 0, True) for slot, prompt in zip(slots, prompts, strict=True)]
+    for _ in range(n_steps):
+        backend.decode(entries)
+        index = -1
+        next_entries = []
+        for position, entry in enumerate(entries):
+            index += len(entry.tokens)
+            logits[position].append(backend.logits(index))
+            token = backend.sample(entry.slot, index, GREEDY).token
+            generated[position].append(token)
+            next_entries.append(BatchEntry(entry.slot, (token,), entry.start_pos + len(entry.tokens), True))
+        entries = next_entries
+    for sampler_id in slots:
+        backend.free_sampler(sampler_id)
+    return generated, logits
+
+
+def test_info_reports_the_model_and_the_real_context(backend: LlamaBackend, smollm2_path: Path) -> None:
+    info = backend.info
+    assert info.name == "smollm2"
+    assert info.architecture == "llama"
+    assert info.n_vocab == 49152
+    assert info.n_slots == N_SLOTS
+    assert info.n_ctx_per_slot == N_CTX_PER_SLOT
+    assert info.n_batch == 256
+    assert info.supports_partial_removal is True
+    assert info.chat_template is not None and "<|im_start|>" in info.chat_template
+    assert info.eos_token == 2 and backend.is_eog(2)
+    assert info.n_params > 100_000_000
+    assert 0.9 < info.size_bytes / smollm2_path.stat().st_size <= 1.0
+
+
+def test_context_share_is_padded_to_256(smollm2_path: Path) -> None:
+    padded = LlamaBackend(smollm2_path, LlamaBackendConfig(n_slots=2, n_ctx_per_slot=300, n_threads=2))
+    try:
+        assert padded.info.n_ctx_per_slot == 512
+    finally:
+        padded.close()
+
+
+def test_tokenize_and_piece_round_trip_real_text(backend: LlamaBackend) -> None:
+    text = "Hello, world! Ünïcödé — 日本語 and emoji 🦙\n\tindented code: x = 1"
+    tokens = backend.tokenize(text, add_special=False, parse_special=False)
+    assert len(tokens) > 10
+    assert b"".join(backend.piece(token) for token in tokens) == text.encode()
+
+
+def test_special_tokens(backend: LlamaBackend) -> None:
+    parsed = backend.tokenize("<|im_start|>user", add_special=False, parse_special=True)
+    literal = backend.tokenize("<|im_start|>user", add_special=False, parse_special=False)
+    assert parsed[0] == 1 and len(literal) > len(parsed)
+    assert backend.token_text(1) == "<|im_start|>"
+    assert backend.piece(1) == b""  # control tokens render as nothing
+    assert backend.is_eog(2) and not backend.is_eog(parsed[-1])
+    with pytest.raises(BackendError, match="outside the vocabulary"):
+        backend.piece(backend.info.n_vocab)
+
+
+def test_batched_greedy_equals_each_alone(clean: LlamaBackend) -> None:
+    backend = clean
+    prompts = [tokens_of(backend, text) for text in PROMPTS]
+    batched_tokens, batched_logits = greedy_run(backend, prompts, slots=(0, 1, 2), n_steps=8)
+    for index, prompt in enumerate(prompts):
+        backend.apply([CacheOp("clear", slot=slot) for slot in range(N_SLOTS)])
+        alone_tokens, alone_logits = greedy_run(backend, [prompt], slots=(3,), n_steps=8)
+        assert alone_tokens[0] == batched_tokens[index]
+        max_diff = max(float(np.abs(a - b).max()) for a, b in zip(alone_logits[0], batched_logits[index]))
+        assert max_diff <= 1e-4
+    assert len({tuple(tokens) for tokens in batched_tokens}) == 3  # different prompts, different answers
+
+
+def test_save_restore_reproduces_next_token_logits(clean: LlamaBackend) -> None:
+    backend = clean
+    prompt = tokens_of(backend, PROMPTS[0])
+    next_token = int(np.argmax(prefill(backend, 0, prompt)))
+    backend.apply([CacheOp("save", slot=0)])
+    reference = step(backend, 0, next_token, len(prompt))
+    # Change the slot completely, then restore the snapshot and decode the same token again.
+    backend.apply([CacheOp("clear", slot=0)])
+    prefill(backend, 0, tokens_of(backend, PROMPTS[1]))
+    backend.apply([CacheOp("restore", slot=0)])
+    assert np.array_equal(step(backend, 0, next_token, len(prompt)), reference)
+
+
+def test_restore_without_save_is_an_error(clean: LlamaBackend) -> None:
+    with pytest.raises(BackendError, match="nothing was saved"):
+        clean.apply([CacheOp("restore", slot=3)])
+
+
+def test_copy_reproduces_next_token_logits(clean: LlamaBackend) -> None:
+    backend = clean
+    prompt = tokens_of(backend, PROMPTS[1])
+    next_token = int(np.argmax(prefill(backend, 0, prompt)))
+    prefill(backend, 2, tokens_of(backend, PROMPTS[2]))  # the destination had other content
+    backend.apply([CacheOp("copy", slot=2, src=0)])
+    copied = step(backend, 2, next_token, len(prompt))
+    original = step(backend, 0, next_token, len(prompt))
+    assert np.array_equal(copied, original)
+
+
+def test_truncate_then_redecode_matches(clean: LlamaBackend) -> None:
+    backend = clean
+    prompt = tokens_of(backend, PROMPTS[2])
+    next_token = int(np.argmax(prefill(backend, 1, prompt)))
+    reference = step(backend, 1, next_token, len(prompt))
+    extra = tokens_of(backend, " something else entirely")
+    backend.decode([BatchEntry(1, extra, len(prompt) + 1, False)])
+    backend.apply([CacheOp("truncate", slot=1, n_keep=len(prompt))])
+    assert np.array_equal(step(backend, 1, next_token, len(prompt)), reference)
+
+
+def test_logprobs_are_the_log_softmax_of_the_logits(clean: LlamaBackend) -> None:
+    backend = clean
+    params = SamplingParams(temperature=0.0, logprobs=True, top_logprobs=5)
+    logits = prefill(backend, 0, tokens_of(backend, PROMPTS[0])).astype(np.float64)
+    backend.new_sampler(7, params)
+    sampled = backend.sample(7, len(tokens_of(backend, PROMPTS[0])) - 1, params)
+    backend.free_sampler(7)
+    log_softmax = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+    assert sampled.logprob is not None
+    assert sampled.logprob.token == sampled.token == int(np.argmax(logits))
+    assert sampled.logprob.text == backend.piece(sampled.token)
+    assert sampled.logprob.logprob == pytest.approx(log_softmax[sampled.token], abs=1e-5)
+    top = sampled.logprob.top
+    assert [entry.token for entry in top] == list(np.argsort(-logits, kind="stable")[:5])
+    assert [entry.logprob for entry in top] == sorted((entry.logprob for entry in top), reverse=True)
+    for entry in top:
+        assert entry.logprob == pytest.approx(log_softmax[entry.token], abs=1e-5)
+
+
+def test_seeded_sampling_repeats_and_bias_forces_a_token(clean: LlamaBackend) -> None:
+    backend = clean
+    prompt = tokens_of(backend, PROMPTS[1])
+    prefill(backend, 0, prompt)
+    seeded = SamplingParams(temperature=1.5, top_k=40, top_p=0.95, min_p=0.01, seed=1234, repeat_penalty=1.1)
+    draws = []
+    for sampler_id in (10, 11):
+        backend.new_sampler(sampler_id, seeded)
+        draws.append([backend.sample(sampler_id, len(prompt) - 1, seeded).token for _ in range(5)])
+        backend.free_sampler(sampler_id)
+    assert draws[0] == draws[1]
+    forced = SamplingParams(temperature=0.0, logit_bias={1234: 100.0})
+    backend.new_sampler(12, forced)
+    assert backend.sample(12, len(prompt) - 1, forced).token == 1234
+    backend.free_sampler(12)
+
+
+def test_ignore_eos_never_samples_an_end_token(clean: LlamaBackend) -> None:
+    backend = clean
+    prompt = tokens_of(backend, PROMPTS[0])
+    eos_bias = SamplingParams(temperature=0.0, logit_bias={2: 100.0})  # <|im_end|> would win
+    ignoring = SamplingParams(temperature=0.0, logit_bias={2: 100.0}, ignore_eos=True)
+    prefill(backend, 0, prompt)
+    backend.new_sampler(20, eos_bias)
+    backend.new_sampler(21, ignoring)
+    assert backend.sample(20, len(prompt) - 1, eos_bias).token == 2
+    assert not backend.is_eog(backend.sample(21, len(prompt) - 1, ignoring).token)
+    backend.free_sampler(20)
+    backend.free_sampler(21)
+
+
+def test_failed_decode_raises_and_the_backend_keeps_working(clean: LlamaBackend) -> None:
+    backend = clean
+    prompt = tokens_of(backend, PROMPTS[0])
+    reference = prefill(backend, 0, prompt)
+    backend.apply([CacheOp("clear", slot=0)])
+    bad_token = backend.info.n_vocab + 7
+    with pytest.raises(DecodeError, match=r"-1 \(invalid input batch\).*invalid token"):
+        backend.decode([BatchEntry(1, (5, bad_token), 0, True), BatchEntry(0, prompt, 0, True)])
+    with pytest.raises(BackendError, match="no logits"):
+        backend.logits(len(prompt) + 1)
+    assert np.array_equal(prefill(backend, 0, prompt), reference)
+
+
+def test_batch_checks(clean: LlamaBackend) -> None:
+    backend = clean
+    with pytest.raises(DecodeError, match="exceed n_batch"):
+        backend.decode([BatchEntry(0, (5,) * 257, 0, True)])
+    with pytest.raises(DecodeError, match="slot 4 is outside"):
+        backend.decode([BatchEntry(N_SLOTS, (5,), 0, True)])
+    with pytest.raises(DecodeError, match="at least one token"):
+        backend.decode([])
+    with pytest.raises(BackendError, match="unknown cache op"):
+        backend.apply([CacheOp("shrink", slot=0)])
+
+
+def test_memory_report_matches_the_model_and_the_context(
+    backend: LlamaBackend, smollm2_path: Path, config: LlamaBackendConfig
+) -> None:
+    report = backend.memory_report()
+    assert set(report.model_bytes) == {"CPU_Mapped"}
+    assert 0.95 < report.model_bytes["CPU_Mapped"] / smollm2_path.stat().st_size <= 1.0
+    # 30 layers x (K + V) x 3 KV heads x 64 dims x 2 bytes (f16) per cell, n_slots x 512 cells.
+    assert report.kv_cache_bytes == {"CPU": 30 * 2 * 3 * 64 * 2 * N_SLOTS * N_CTX_PER_SLOT}
+    assert report.recurrent_state_bytes == {}
+    assert report.compute_bytes["CPU"] > 1024 * 1024
+    assert report.total_bytes > report.model_bytes["CPU_Mapped"] + report.kv_cache_bytes["CPU"]
+
+
+def test_parse_memory_report_sums_buffers_and_keeps_the_last_reservation() -> None:
+    report = parse_memory_report(
+        [
+            "load_tensors:   CPU_Mapped model buffer size =   100.00 MiB",
+            "load_tensors:        CUDA0 model buffer size =  2048.50 MiB",
+            "load_tensors:   CPU_Mapped model buffer size =    50.00 MiB",
+            "llama_kv_cache:      CUDA0 KV buffer size =    64.00 MiB",
+            "llama_kv_cache:      CUDA0 KV buffer size =    16.00 MiB",
+            "llama_memory_recurrent:        CPU RS buffer size =     3.25 MiB",
+            "sched_reserve: reserving ...",
+            "sched_reserve:      CUDA0 compute buffer size =   500.00 MiB",
+            "sched_reserve: reserving ...",
+            "sched_reserve:      CUDA0 compute buffer size =   300.00 MiB",
+            "sched_reserve:  CUDA_Host compute buffer size =    12.00 MiB",
+        ]
+    )
+    mib = 1024 * 1024
+    assert report.model_bytes == {"CPU_Mapped": 150 * mib, "CUDA0": round(2048.5 * mib)}
+    assert report.kv_cache_bytes == {"CUDA0": 80 * mib}
+    assert report.recurrent_state_bytes == {"CPU": round(3.25 * mib)}
+    assert report.compute_bytes == {"CUDA0": 300 * mib, "CUDA_Host": 12 * mib}
+
+
+def test_tensor_override_to_cpu_loads_and_decodes_the_same(clean: LlamaBackend, smollm2_path: Path) -> None:
+    prompt = tokens_of(clean, PROMPTS[0])
+    reference = prefill(clean, 0, prompt)
+    overridden = LlamaBackend(
+        smollm2_path,
+        LlamaBackendConfig(
+            n_slots=1, n_ctx_per_slot=256, n_threads=2, tensor_overrides=((r"blk\..*\.ffn_.*\.weight", "CPU"),)
+        ),
+    )
+    try:
+        assert overridden.memory_report().model_bytes  # loaded with the override in place
+        assert np.array_equal(prefill(overridden, 0, prompt), reference)
+    finally:
+        overridden.close()
+
+
+def test_unknown_device_names_the_available_ones(smollm2_path: Path) -> None:
+    with pytest.raises(BackendError, match=r"unknown device 'NPU3'.*available devices: .*CPU"):
+        LlamaBackend(smollm2_path, LlamaBackendConfig(tensor_overrides=((r"token_embd\.weight", "NPU3"),)))
+
+
+def test_load_failures_are_readable(tmp_path: Path) -> None:
+    with pytest.raises(BackendError, match="does not exist"):
+        LlamaBackend(tmp_path / "missing.gguf", LlamaBackendConfig())
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("these are notes, not a model\n")
+    with pytest.raises(BackendError, match=r"cannot load model .*notes\.gguf: .*magic"):
+        LlamaBackend(not_gguf, LlamaBackendConfig())
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="type_k"):
+        LlamaBackendConfig(type_k="q2_k")
+    with pytest.raises(ValueError, match="n_ubatch"):
+        LlamaBackendConfig(n_batch=64, n_ubatch=128)
+    with pytest.raises(ValueError, match="not a valid regex"):
+        LlamaBackendConfig(tensor_overrides=(("blk.(", "CPU"),))
+
+
+def test_hybrid_model_saves_and_restores_but_cannot_truncate(tmp_path: Path) -> None:
+    model_path = write_synthetic_model("qwen3next", tmp_path / "qwen3next.gguf", dtype="f32")
+    hybrid = LlamaBackend(model_path, LlamaBackendConfig(n_slots=2, n_ctx_per_slot=256, n_threads=2))
+    try:
+        assert hybrid.info.supports_partial_removal is False
+        assert hybrid.memory_report().recurrent_state_bytes
+        prompt = tokens_of(hybrid, "Hello, world! How are you today?")
+        prefix, suffix = prompt[:4], prompt[4:]
+        full = prefill(hybrid, 0, prompt)
+        hybrid.apply([CacheOp("clear", slot=0)])
+        prefill(hybrid, 0, prefix)
+        hybrid.apply([CacheOp("save", slot=0)])
+        hybrid.decode([BatchEntry(0, suffix, len(prefix), True)])
+        with pytest.raises(BackendError, match="partial removal"):
+            hybrid.apply([CacheOp("truncate", slot=0, n_keep=len(prefix))])
+        hybrid.apply([CacheOp("restore", slot=0)])
+        hybrid.decode([BatchEntry(0, suffix, len(prefix), True)])
+        assert np.array_equal(hybrid.logits(len(suffix) - 1), full)
+        hybrid.apply([CacheOp("copy", slot=1, src=0)])
+        assert np.array_equal(step(hybrid, 1, 5, len(prompt)), step(hybrid, 0, 5, len(prompt)))
+    finally:
+        hybrid.close()

@@ -1,0 +1,217 @@
+"""Black-box tests: the real `python -m server` process, the real SmolLM2 model, the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import N_SLOTS, LiveServer
+
+MODEL = "smollm2-135m-instruct"
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three colors.",
+    "Write one sentence about the sea.",
+    "What is 2 + 2?",
+    "Give me a word that rhymes with cat.",
+    "What do bees make?",
+    "Say hello in Spanish.",
+    "What is the largest planet?",
+    "Describe a cat in five words.",
+    "What is water made of?",
+    "Tell me a fun fact about owls.",
+    "What season comes after winter?",
+    "How many legs does a spider have?",
+    "What is the opposite of hot?",
+    "Name a fruit that is yellow.",
+    "What color is the sky on a clear day?",
+]
+
+
+def sync_client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def async_client(server: LiveServer) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.api_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(server: LiveServer, prompt: str, max_tokens: int = 48) -> openai.types.chat.ChatCompletion:
+    return sync_client(server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=max_tokens
+    )
+
+
+async def stream_chat(client: openai.AsyncOpenAI, prompt: str, max_tokens: int = 48) -> tuple[str, str | None, int]:
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        temperature=0,
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts: list[str] = []
+    finish_reason = None
+    completion_tokens = -1
+    async for chunk in stream:
+        if chunk.usage is not None:
+            completion_tokens = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            parts.append(choice.delta.content or "")
+            finish_reason = choice.finish_reason or finish_reason
+    return "".join(parts), finish_reason, completion_tokens
+
+
+def test_chat_answer_is_sensible(smollm2_server: LiveServer) -> None:
+    answer = chat(smollm2_server, "What is the capital of France?")
+    content = answer.choices[0].message.content or ""
+    assert "Paris" in content
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.usage is not None and answer.usage.prompt_tokens > 5
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+
+
+def test_stream_equals_non_stream_with_exact_usage(smollm2_server: LiveServer) -> None:
+    whole = chat(smollm2_server, "Write one sentence about the sea.", max_tokens=20)
+    streamed, finish_reason, n_tokens = asyncio.run(
+        stream_chat(async_client(smollm2_server), "Write one sentence about the sea.", max_tokens=20)
+    )
+    assert streamed == whole.choices[0].message.content
+    assert finish_reason == whole.choices[0].finish_reason
+    assert whole.usage is not None and n_tokens == whole.usage.completion_tokens
+    if finish_reason == "length":
+        assert n_tokens == 20
+
+
+def test_sixteen_concurrent_streams_equal_their_solo_answers(smollm2_server: LiveServer) -> None:
+    solo = [chat(smollm2_server, prompt).choices[0].message.content for prompt in PROMPTS]
+
+    async def run_all() -> tuple[list[tuple[str, str | None, int]], int]:
+        client = async_client(smollm2_server)
+        busy_seen = 0
+        done = asyncio.Event()
+
+        async def watch_slots() -> None:
+            nonlocal busy_seen
+            async with httpx.AsyncClient(base_url=smollm2_server.base_url) as http:
+                while not done.is_set():
+                    slots = (await http.get("/slots")).json()
+                    busy_seen = max(busy_seen, sum(1 for s in _slot_list(slots) if s["state"] != "idle"))
+                    await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch_slots())
+        results = await asyncio.gather(*(stream_chat(client, prompt) for prompt in PROMPTS))
+        done.set()
+        await watcher
+        return list(results), busy_seen
+
+    results, busy_seen = asyncio.run(run_all())
+    assert [text for text, _, _ in results] == solo
+    assert busy_seen >= N_SLOTS // 2, f"only {busy_seen} slots were ever busy at once"
+
+
+def _slot_list(body: object) -> list[dict[str, object]]:
+    return body["slots"] if isinstance(body, dict) else body  # type: ignore[return-value,index]
+
+
+def test_disconnect_mid_stream_frees_the_slot(smollm2_server: LiveServer) -> None:
+    payload = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me a very long story about dragons."}],
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with (
+        httpx.Client(base_url=smollm2_server.base_url, timeout=60) as http,
+        http.stream("POST", "/v1/chat/completions", json=payload) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        received = [line for _, line in zip(range(6), lines, strict=False)]
+        assert any(line.startswith("data: ") for line in received)
+    deadline = time.monotonic() + 10
+    busy = N_SLOTS
+    while time.monotonic() < deadline:
+        busy = sum(1 for s in _slot_list(httpx.get(smollm2_server.base_url + "/slots").json()) if s["state"] != "idle")
+        if busy == 0:
+            break
+        time.sleep(0.1)
+    assert busy == 0, "the disconnected request still holds its slot"
+    assert "Paris" in (chat(smollm2_server, "What is the capital of France?").choices[0].message.content or "")
+
+
+def test_legacy_completions_endpoint(smollm2_server: LiveServer) -> None:
+    completion = sync_client(smollm2_server).completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert completion.object == "text_completion"
+    assert "Paris" in completion.choices[0].text
+    assert completion.usage is not None and completion.usage.completion_tokens <= 8
+
+
+def test_models_health_and_metrics(smollm2_server: LiveServer) -> None:
+    models = sync_client(smollm2_server).models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    health = httpx.get(smollm2_server.base_url + "/health")
+    assert health.status_code == 200
+    chat(smollm2_server, "What is 2 + 2?", max_tokens=4)
+    text = httpx.get(smollm2_server.base_url + "/metrics").text
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    generated = [s.value for f in families.values() for s in f.samples if "generated" in s.name and "token" in s.name]
+    assert generated and max(generated) >= 4
+
+
+ERROR_CASES = [
+    ("malformed json", b"{not json", 400, None),
+    ("wrong type", json.dumps({"model": MODEL, "messages": "hi"}).encode(), 400, "messages"),
+    ("missing field", json.dumps({"model": MODEL}).encode(), 400, "messages"),
+    (
+        "negative max_tokens",
+        json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}).encode(),
+        400,
+        "max_tokens",
+    ),
+    (
+        "unknown model",
+        json.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}).encode(),
+        404,
+        "model",
+    ),
+    (
+        "prompt too long",
+        json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "word " * 3000}]}).encode(),
+        400,
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status", "param"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_bad_input_gets_openai_error_and_server_keeps_serving(
+    smollm2_server: LiveServer, case: str, body: bytes, status: int, param: str | None
+) -> None:
+    response = httpx.post(
+        smollm2_server.base_url + "/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param
+    if case == "prompt too long":
+        assert error["code"] == "context_length_exceeded"
+    assert smollm2_server.process.poll() is None
+    assert chat(smollm2_server, "What is 2 + 2?", max_tokens=4).choices[0].finish_reason in ("stop", "length")
