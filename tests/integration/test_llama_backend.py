@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -10,7 +12,6 @@ import numpy.typing as npt
 import pytest
 
 from convert.registry import resolve_model
-from convert.synth import write_synthetic_model
 from server.engine.backend import BackendError, BatchEntry, CacheOp, DecodeError
 from server.engine.llama_backend import LlamaBackend, LlamaBackendConfig, parse_memory_report
 from server.engine.sampling import SamplingParams
@@ -134,13 +135,14 @@ def test_special_tokens(backend: LlamaBackend) -> None:
 def test_batched_greedy_equals_each_alone(clean: LlamaBackend) -> None:
     backend = clean
     prompts = [tokens_of(backend, text) for text in PROMPTS]
-    batched_tokens, batched_logits = greedy_run(backend, prompts, slots=(0, 1, 2), n_steps=8)
+    batched_tokens, batched_logits = greedy_run(backend, prompts, slots=(0, 1, 2), n_steps=6)
     for index, prompt in enumerate(prompts):
         backend.apply([CacheOp("clear", slot=slot) for slot in range(N_SLOTS)])
-        alone_tokens, alone_logits = greedy_run(backend, [prompt], slots=(3,), n_steps=8)
+        alone_tokens, alone_logits = greedy_run(backend, [prompt], slots=(3,), n_steps=6)
         assert alone_tokens[0] == batched_tokens[index]
-        max_diff = max(float(np.abs(a - b).max()) for a, b in zip(alone_logits[0], batched_logits[index]))
-        assert max_diff <= 1e-4
+        # Exact: without extra buffer types llama.cpp computes each row the same way in any batch.
+        for alone_step, batched_step in zip(alone_logits[0], batched_logits[index], strict=True):
+            assert np.array_equal(alone_step, batched_step)
     assert len({tuple(tokens) for tokens in batched_tokens}) == 3  # different prompts, different answers
 
 
@@ -295,17 +297,29 @@ def test_parse_memory_report_sums_buffers_and_keeps_the_last_reservation() -> No
     assert report.compute_bytes == {"CUDA0": 300 * mib, "CUDA_Host": 12 * mib}
 
 
-def test_tensor_override_to_cpu_loads_and_decodes_the_same(clean: LlamaBackend, smollm2_path: Path) -> None:
+def test_tensor_override_to_cpu_loads_and_decodes_the_same(
+    clean: LlamaBackend, smollm2_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     prompt = tokens_of(clean, PROMPTS[0])
     reference = prefill(clean, 0, prompt)
-    overridden = LlamaBackend(
-        smollm2_path,
-        LlamaBackendConfig(
-            n_slots=1, n_ctx_per_slot=256, n_threads=2, tensor_overrides=((r"blk\..*\.ffn_.*\.weight", "CPU"),)
-        ),
-    )
+    # llama.cpp says which tensors an override moved only at debug level; the backend forwards it.
+    with caplog.at_level(logging.DEBUG, logger="server.engine.llama_backend"):
+        overridden = LlamaBackend(
+            smollm2_path,
+            LlamaBackendConfig(
+                n_slots=1,
+                n_ctx_per_slot=256,
+                n_threads=2,
+                tensor_overrides=((r"blk\..*\.ffn_(up|down)\.weight", "CPU"),),
+            ),
+        )
     try:
-        assert overridden.memory_report().model_bytes  # loaded with the override in place
+        moved = {
+            match[1]
+            for record in caplog.records
+            if (match := re.search(r"tensor (\S+) .* buffer type overridden to CPU", record.getMessage()))
+        }
+        assert moved == {f"blk.{layer}.ffn_{kind}.weight" for layer in range(30) for kind in ("up", "down")}
         assert np.array_equal(prefill(overridden, 0, prompt), reference)
     finally:
         overridden.close()
@@ -334,9 +348,8 @@ def test_config_rejects_bad_values() -> None:
         LlamaBackendConfig(tensor_overrides=(("blk.(", "CPU"),))
 
 
-def test_hybrid_model_saves_and_restores_but_cannot_truncate(tmp_path: Path) -> None:
-    model_path = write_synthetic_model("qwen3next", tmp_path / "qwen3next.gguf", dtype="f32")
-    hybrid = LlamaBackend(model_path, LlamaBackendConfig(n_slots=2, n_ctx_per_slot=256, n_threads=2))
+def test_hybrid_model_saves_and_restores_but_cannot_truncate(tiny_qwen3next_gguf: Path) -> None:
+    hybrid = LlamaBackend(tiny_qwen3next_gguf, LlamaBackendConfig(n_slots=2, n_ctx_per_slot=256, n_threads=2))
     try:
         assert hybrid.info.supports_partial_removal is False
         assert hybrid.memory_report().recurrent_state_bytes
