@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import importlib
 import os
 import re
 import shutil
@@ -51,9 +52,7 @@ class HubLocation:
     @classmethod
     def from_environment(cls, environ: dict[str, str] | None = None) -> HubLocation:
         env = dict(os.environ if environ is None else environ)
-        home = Path(
-            env.get("HF_HOME") or Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
-        )
+        home = Path(env.get("HF_HOME") or Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface")
         cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or str(home / "hub")
         offline_flag = env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE") or ""
         return cls(
@@ -252,13 +251,14 @@ def check_free_space(plan: PullPlan, layout: CacheLayout, free_bytes: FreeBytes 
 
 def execute_pull(hub: HubLocation, plan: PullPlan, free_bytes: FreeBytes = free_bytes_at) -> Path:
     """Download every file of the plan (resuming partial ones), verify each, link them; return the first."""
-    from huggingface_hub.utils import WeakFileLock
+    from filelock import FileLock  # a huggingface-hub dependency
 
     layout = CacheLayout(hub.cache_dir, plan.repo)
     check_free_space(plan, layout, free_bytes)
     for remote in plan.files:
         layout.lock(remote.sha256).parent.mkdir(parents=True, exist_ok=True)
-        with WeakFileLock(layout.lock(remote.sha256)):
+        # Two pulls of the same file must not append to one partial file; the second waits.
+        with FileLock(layout.lock(remote.sha256)):
             if not _blob_is_complete(layout, remote):
                 _download_blob(hub, plan, remote, layout)
             _link_pointer(layout, plan.commit, remote)
@@ -274,9 +274,8 @@ def _blob_is_complete(layout: CacheLayout, remote: RemoteFile) -> bool:
 
 
 def _download_blob(hub: HubLocation, plan: PullPlan, remote: RemoteFile, layout: CacheLayout) -> None:
-    from huggingface_hub import hf_hub_url
+    from huggingface_hub import get_token, hf_hub_url
     from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
 
     partial = layout.partial(remote.sha256)
     partial.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +290,7 @@ def _download_blob(hub: HubLocation, plan: PullPlan, remote: RemoteFile, layout:
                     url,
                     sink,
                     resume_size=resume_from,
-                    headers=build_hf_headers(),
+                    headers={"authorization": f"Bearer {token}"} if (token := get_token()) else {},
                     expected_size=remote.size,  # the whole file: http_get counts resumed bytes too
                     displayed_filename=PurePosixPath(remote.path).name,
                 )
@@ -315,9 +314,11 @@ def sha256_of_file(path: Path, label: str = "") -> str:
 
     digest = hashlib.sha256()
     size = path.stat().st_size
+    # Same switch as huggingface-hub's own download bar; None: shown on a terminal only.
+    hidden = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() in {"1", "ON", "YES", "TRUE"}
     with (
         path.open("rb") as source,
-        tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {label}", leave=False) as bar,
+        tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {label}", leave=False, disable=hidden or None) as bar,
     ):
         while chunk := source.read(_HASH_CHUNK_BYTES):
             digest.update(chunk)
@@ -342,9 +343,7 @@ def _link_pointer(layout: CacheLayout, commit: str, remote: RemoteFile) -> None:
 # ---------------------------------------------------------------- cache lookup (no network)
 
 
-def find_cached_gguf(
-    repo: str, pattern: str, revision: str = "main", cache_dir: Path | None = None
-) -> Path | None:
+def find_cached_gguf(repo: str, pattern: str, revision: str = "main", cache_dir: Path | None = None) -> Path | None:
     """The first GGUF (or first shard of a complete shard set) matching `pattern` in the local hub cache."""
     layout = CacheLayout(cache_dir or HubLocation.from_environment().cache_dir, repo)
     commit = layout.commit_for(revision)
@@ -407,8 +406,7 @@ def ensure_model(
     if not allow_download or hub.offline:
         why = "offline mode is on (HF_HUB_OFFLINE=1)" if hub.offline else "downloads are turned off"
         raise RegistryError(
-            f"model {name_or_path!r} is not downloaded yet and {why}; "
-            f"run: python -m convert pull {name_or_path}"
+            f"model {name_or_path!r} is not downloaded yet and {why}; run: python -m convert pull {name_or_path}"
         )
     path = pull_model(name_or_path, registry=registry, hub=hub)
     return ResolvedModel(name=entry.name, path=path, context=entry.context, chat_template=entry.chat_template)
@@ -423,9 +421,15 @@ def _quant_pattern(name: str, source: HubSource, quant: str | None) -> str:
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
-    from httpx2 import HTTPError
-
-    return (OSError, HTTPError)
+    """OSError (hub HTTP errors derive from it) plus the HTTP client's transport errors: huggingface-hub 2.x
+    uses httpx2, 1.x httpx."""
+    errors: list[type[BaseException]] = [OSError]
+    for module_name in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(module_name).HTTPError)
+        except ImportError:
+            continue
+    return tuple(errors)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -173,7 +173,5 @@ def _hub_cached_file(entry: ModelEntry) -> Path:
     assert entry.hub is not None
     path = find_cached_gguf(entry.hub.repo, entry.hub.quants[entry.hub.default_quant], entry.hub.revision)
     if path is None:
-        raise RegistryError(
-            f"model {entry.name!r} is not downloaded yet; run: python -m convert pull {entry.name}"
-        )
+        raise RegistryError(f"model {entry.name!r} is not downloaded yet; run: python -m convert pull {entry.name}")
     return path

@@ -8,6 +8,9 @@ import sys
 from convert.registry import RegistryError
 from server.settings import Settings, SettingsError, load_settings
 
+# In-flight requests get this long to finish on SIGTERM/Ctrl-C; then the engine fails what is left.
+GRACEFUL_SHUTDOWN_S = 5
+
 
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
@@ -36,11 +39,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     logging.getLogger("server").info("model %s: %s", model.name, model.path)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
-    load_error = getattr(app.state, "load_error", None)
-    if load_error is not None:
-        print(f"error: the model failed to load: {load_error}", file=sys.stderr)
+    load_errors: list[str] = []
+    server: uvicorn.Server | None = None
+
+    def stop_on_load_failure(message: str) -> None:
+        load_errors.append(message)
+        if server is not None:
+            server.should_exit = True  # like llama-server: a model that cannot load ends the process
+
+    app = create_app(settings, on_load_failure=stop_on_load_failure)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if load_errors:
+        print(f"error: the model failed to load: {load_errors[0]}", file=sys.stderr)
         return 1
     return 0
 

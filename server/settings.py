@@ -39,12 +39,8 @@ class Settings(BaseSettings):
     # --- serving -----------------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
-    api_key: str | None = Field(
-        default=None, description="If set, clients must send `Authorization: Bearer KEY`."
-    )
-    parallel: int = Field(
-        default=4, ge=1, le=256, description="Slots: sequences decoded together (n_seq_max)."
-    )
+    api_key: str | None = Field(default=None, description="If set, clients must send `Authorization: Bearer KEY`.")
+    parallel: int = Field(default=4, ge=1, le=256, description="Slots: sequences decoded together (n_seq_max).")
     ctx_size: int | None = Field(
         default=None,
         ge=16,
@@ -67,16 +63,10 @@ class Settings(BaseSettings):
     )
 
     # --- llama.cpp ---------------------------------------------------------------------------------
-    threads: int | None = Field(
-        default=None, ge=1, description="CPU threads for decoding (default: physical cores)."
-    )
-    threads_batch: int | None = Field(
-        default=None, ge=1, description="CPU threads for prefill (default: threads)."
-    )
+    threads: int | None = Field(default=None, ge=1, description="CPU threads for decoding (default: physical cores).")
+    threads_batch: int | None = Field(default=None, ge=1, description="CPU threads for prefill (default: threads).")
     n_ubatch: int = Field(default=512, ge=1, description="Physical micro-batch size inside one decode.")
-    n_gpu_layers: int = Field(
-        default=-1, description="Layers to offload to the GPU (-1: all; ignored on CPU)."
-    )
+    n_gpu_layers: int = Field(default=-1, description="Layers to offload to the GPU (-1: all; ignored on CPU).")
     kv_type: Literal["f16", "f32", "q8_0", "q4_0"] = Field(default="f16", description="KV cache data type.")
     flash_attn: Literal["auto", "on", "off"] = Field(default="auto", description="llama.cpp flash attention.")
     mmap: bool = Field(default=True, description="Memory-map the model file.")

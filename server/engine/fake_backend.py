@@ -141,9 +141,7 @@ class FakeBackend:
         n_tokens = sum(len(e.tokens) for e in entries)
         if n_tokens > self.config.n_batch:
             raise DecodeError(f"batch of {n_tokens} tokens exceeds n_batch {self.config.n_batch}")
-        if self.config.fail_on_token is not None and any(
-            self.config.fail_on_token in e.tokens for e in entries
-        ):
+        if self.config.fail_on_token is not None and any(self.config.fail_on_token in e.tokens for e in entries):
             raise DecodeError("injected decode failure")
         self._check_positions(entries)
         self.batches.append(tuple(entries))

@@ -6,7 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from convert.registry import ResolvedModel, load_registry, resolve_model
+from convert.pull import ensure_model
+from convert.registry import ResolvedModel, load_registry
 from server.engine.bufts_probe import resolve_use_extra_bufts
 from server.engine.engine import Engine, EngineConfig
 from server.engine.llama_backend import LlamaBackend, LlamaBackendConfig
@@ -30,7 +31,7 @@ class LoadPlan:
 def resolve_settings_model(settings: Settings) -> ResolvedModel:
     """The GGUF the settings name (a models.yaml name, or a path), without loading it."""
     registry = load_registry(settings.models_file)
-    return resolve_model(settings.model or registry.default, registry)
+    return ensure_model(settings.model or registry.default, allow_download=settings.allow_download, registry=registry)
 
 
 def plan_load(settings: Settings, model: ResolvedModel, *, use_extra_bufts: bool) -> LoadPlan:

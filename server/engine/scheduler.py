@@ -30,9 +30,7 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < self.n_slots:
-            raise ValueError(
-                f"max_batch_tokens ({self.max_batch_tokens}) must be >= n_slots ({self.n_slots})"
-            )
+            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= n_slots ({self.n_slots})")
 
 
 @dataclass
@@ -303,10 +301,7 @@ class Scheduler:
         if seq.n_prompt_done < seq.n_prompt_tokens:
             return
         seq.status = SequenceStatus.DECODE
-        if (
-            not self.config.supports_partial_removal
-            and seq.n_prompt_tokens >= self.config.snapshot_min_tokens
-        ):
+        if not self.config.supports_partial_removal and seq.n_prompt_tokens >= self.config.snapshot_min_tokens:
             slot.needs_save = self.config.prefix_reuse
         for child in self._children(seq):
             assert child.slot is not None

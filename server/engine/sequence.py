@@ -57,9 +57,7 @@ class Slot:
 
     index: int
     cached_tokens: list[int] = field(default_factory=list)  # tokens whose KV/state is in the slot, in order
-    snapshot_tokens: tuple[int, ...] | None = (
-        None  # tokens of the saved state (models without partial removal)
-    )
+    snapshot_tokens: tuple[int, ...] | None = None  # tokens of the saved state (models without partial removal)
     sequence: Sequence | None = None
     needs_save: bool = False  # save a snapshot before the next decode (prompt just finished)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -92,4 +93,5 @@ def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSer
     )
     yield server
     stop_server(server)
-    assert server.process.returncode == 0, server.log()
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so a clean stop reads as -SIGTERM
+    assert server.process.returncode in (0, -signal.SIGTERM), server.log()

@@ -70,10 +70,12 @@ async def stream_chat(client: openai.AsyncOpenAI, prompt: str, max_tokens: int =
     return "".join(parts), finish_reason, completion_tokens
 
 
-def test_chat_answer_is_sensible(smollm2_server: LiveServer) -> None:
-    answer = chat(smollm2_server, "What is the capital of France?")
-    content = answer.choices[0].message.content or ""
-    assert "Paris" in content
+def test_chat_answers_are_sensible(smollm2_server: LiveServer) -> None:
+    # SmolLM2-135M is small: these are questions it gets right at temperature 0 (as llama-server answers them)
+    assert "4" in (chat(smollm2_server, "What is 2 + 2?").choices[0].message.content or "")
+    colors = chat(smollm2_server, "Name three colors.").choices[0].message.content or ""
+    assert {"Red", "Blue", "Green"} <= set(colors.replace(".", " ").split())
+    answer = chat(smollm2_server, "What is 2 + 2?")
     assert answer.choices[0].message.role == "assistant"
     assert answer.usage is not None and answer.usage.prompt_tokens > 5
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
@@ -146,7 +148,7 @@ def test_disconnect_mid_stream_frees_the_slot(smollm2_server: LiveServer) -> Non
             break
         time.sleep(0.1)
     assert busy == 0, "the disconnected request still holds its slot"
-    assert "Paris" in (chat(smollm2_server, "What is the capital of France?").choices[0].message.content or "")
+    assert "4" in (chat(smollm2_server, "What is 2 + 2?").choices[0].message.content or "")
 
 
 def test_legacy_completions_endpoint(smollm2_server: LiveServer) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks: the load benchmark, the side-by-side comparison with llama-server, and their tooling."""

@@ -1,0 +1,224 @@
+"""From a validated request body to engine requests, and from the engine's TokenEvents back to choices:
+sampling parameters, submitting (several prompts → several engine requests), reading the events of all of
+them as one sequence of (choice index, event), latency metrics, usage."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from server.api.schemas import SamplingFields
+from server.engine.backend import ModelInfo
+from server.engine.engine import Engine, RequestStream
+from server.engine.request import FinishReason, Request, TokenEvent, TokenLogprob, next_request_id
+from server.engine.sampling import SamplingParams
+from server.errors import ApiError, EngineFailureError, InvalidRequestError, RequestTimeoutError
+from server.metrics import Metrics
+
+_DEFAULTS = SamplingParams()
+
+
+def sampling_params(
+    body: SamplingFields, info: ModelInfo, *, max_tokens: int | None, logprobs: bool, top_logprobs: int
+) -> SamplingParams:
+    """The engine's SamplingParams for a request body; OpenAI's unset (null) fields take OpenAI's defaults."""
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_DEFAULTS.temperature if body.temperature is None else body.temperature,
+        top_k=body.top_k or 0,
+        top_p=_DEFAULTS.top_p if body.top_p is None else body.top_p,
+        min_p=body.min_p or 0.0,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repeat_penalty=_DEFAULTS.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
+        logit_bias=MappingProxyType(_token_biases(body.logit_bias, info.n_vocab)),
+        stop=body.stop_strings(),
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+
+def _token_biases(logit_bias: dict[str, float] | None, n_vocab: int) -> dict[int, float]:
+    biases = {int(token): bias for token, bias in (logit_bias or {}).items()}
+    outside = sorted(token for token in biases if not 0 <= token < n_vocab)
+    if outside:
+        raise InvalidRequestError(
+            f"logit_bias names token ids outside this model's vocabulary [0, {n_vocab}): {outside[:5]}",
+            param="logit_bias",
+        )
+    return biases
+
+
+def engine_requests(
+    prompts: Sequence[Sequence[int]], params: SamplingParams, n: int, id_prefix: str
+) -> tuple[str, list[Request]]:
+    """One engine request per prompt, all answering to one response id (the engine applies its timeout)."""
+    response_id = next_request_id(id_prefix)
+    requests = [
+        Request(
+            prompt_tokens=tuple(prompt),
+            params=params,
+            n=n,
+            request_id=response_id if len(prompts) == 1 else f"{response_id}-{index}",
+        )
+        for index, prompt in enumerate(prompts)
+    ]
+    return response_id, requests
+
+
+def event_error(event: TokenEvent) -> ApiError | None:
+    """The error a finishing event stands for, if it is not a normal finish."""
+    if event.finish_reason is FinishReason.TIMEOUT:
+        return RequestTimeoutError(event.error or "The request did not finish within the server's time limit.")
+    if event.finish_reason is FinishReason.ERROR:
+        return EngineFailureError(event.error or "The model failed while generating this answer.")
+    if event.finish_reason is FinishReason.CANCELLED:
+        return EngineFailureError("The request was cancelled by the server.")
+    return None
+
+
+def finish_reason_text(reason: FinishReason | None) -> str | None:
+    return None if reason is None else reason.value
+
+
+class Generation:
+    """The running engine requests of one HTTP request, read as one stream of (choice index, event).
+
+    Choice indices run prompt by prompt: prompt p's choice c is p * n + c. Cancelling (the client left, or
+    an error ends the response early) frees every slot the request holds.
+    """
+
+    def __init__(
+        self, streams: list[RequestStream], n: int, metrics: Metrics, received_at: float, endpoint: str
+    ) -> None:
+        self.streams = streams
+        self.endpoint = endpoint
+        self.n = n
+        self.n_choices = n * len(streams)
+        self._metrics = metrics
+        self._received_at = received_at
+        self._first_token_seen = False
+        self._last_token_at: dict[int, float] = {}
+        self.final_events: dict[int, TokenEvent] = {}
+        self._pumps: list[asyncio.Task[None]] = []
+
+    @classmethod
+    def submit(
+        cls, engine: Engine, requests: list[Request], metrics: Metrics, received_at: float, endpoint: str
+    ) -> Generation:
+        """Submit every request or none: if one is refused (queue full, too long), the others are cancelled."""
+        streams: list[RequestStream] = []
+        try:
+            for request in requests:
+                streams.append(engine.submit(request))
+        except BaseException:
+            for stream in streams:
+                stream.cancel()
+            raise
+        return cls(streams, requests[0].n, metrics, received_at, endpoint)
+
+    def cancel(self) -> None:
+        for pump in self._pumps:
+            pump.cancel()
+        for stream in self.streams:
+            stream.cancel()
+
+    async def events(self) -> AsyncGenerator[tuple[int, TokenEvent], None]:
+        try:
+            source = self._one_stream() if len(self.streams) == 1 else self._merged_streams()
+            async for prompt_index, event in source:
+                index = prompt_index * self.n + event.choice_index
+                self._observe(index, event)
+                yield index, event
+            self._metrics.request_duration.labels(self.endpoint).observe(time.perf_counter() - self._received_at)
+        finally:
+            self.cancel()
+
+    async def _one_stream(self) -> AsyncIterator[tuple[int, TokenEvent]]:
+        async for event in self.streams[0]:
+            yield 0, event
+
+    async def _merged_streams(self) -> AsyncIterator[tuple[int, TokenEvent]]:
+        queue: asyncio.Queue[tuple[int, TokenEvent] | BaseException | None] = asyncio.Queue()
+
+        async def pump(prompt_index: int, stream: RequestStream) -> None:
+            try:
+                async for event in stream:
+                    queue.put_nowait((prompt_index, event))
+            except Exception as exc:  # handed to the reader, which raises it in the request's context
+                queue.put_nowait(exc)
+            queue.put_nowait(None)
+
+        self._pumps = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(self.streams)]
+        n_open = len(self._pumps)
+        while n_open:
+            item = await queue.get()
+            if item is None:
+                n_open -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+
+    def _observe(self, index: int, event: TokenEvent) -> None:
+        if event.finish_reason is not None:
+            self.final_events[index] = event
+        if not event.token_ids:
+            return
+        now = time.perf_counter()
+        if not self._first_token_seen:
+            self._first_token_seen = True
+            self._metrics.time_to_first_token.observe(now - self._received_at)
+        last = self._last_token_at.get(index)
+        if last is not None:
+            self._metrics.inter_token_latency.observe((now - last) / len(event.token_ids))
+        self._last_token_at[index] = now
+
+    def usage(self) -> dict[str, Any]:
+        """Exact counts: each prompt once (its choices share one prefill), every choice's generated tokens."""
+        n_prompt = sum(stream.n_prompt_tokens for stream in self.streams)
+        n_completion = sum(event.n_generated_tokens for event in self.final_events.values())
+        n_cached = sum(
+            self.final_events[prompt * self.n].n_cached_tokens
+            for prompt in range(len(self.streams))
+            if prompt * self.n in self.final_events
+        )
+        return {
+            "prompt_tokens": n_prompt,
+            "completion_tokens": n_completion,
+            "total_tokens": n_prompt + n_completion,
+            "prompt_tokens_details": {"cached_tokens": n_cached},
+        }
+
+
+@dataclass
+class ChoiceResult:
+    """One choice of a non-streamed answer, gathered from its events."""
+
+    text_parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
+async def collect_choices(generation: Generation) -> list[ChoiceResult]:
+    """Read a generation to its end; an engine failure or timeout of any choice fails the whole answer."""
+    results = [ChoiceResult() for _ in range(generation.n_choices)]
+    async for index, event in generation.events():
+        error = event_error(event)
+        if error is not None:
+            raise error
+        result = results[index]
+        result.text_parts.append(event.text)
+        result.logprobs.extend(event.logprobs)
+        result.finish_reason = event.finish_reason or result.finish_reason
+    return results

@@ -1,0 +1,257 @@
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from typing import Any, Protocol
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.api.auth import require_api_key
+from server.api.errors import stream_error_payload
+from server.api.generation import (
+    ChoiceResult,
+    Generation,
+    collect_choices,
+    engine_requests,
+    event_error,
+    sampling_params,
+)
+from server.api.responses import (
+    ChatChunks,
+    CompletionChunks,
+    ResponseHeader,
+    chat_completion,
+    text_completion,
+)
+from server.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from server.api.sse import DONE_EVENT, event_source_response, sse_event, until_disconnected
+from server.api.state import ServerState, server_state
+from server.chat_template import ChatTemplate
+from server.engine.engine import Engine
+from server.engine.request import TokenEvent
+from server.engine.sampling import SamplingParams
+from server.errors import ApiError, ContextLengthExceededError
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+# Rendering and tokenizing a prompt this long (characters) runs in a worker thread, so one huge prompt
+# never holds up the event loop (and with it every other stream).
+OFFLOAD_PROMPT_CHARS = 4096
+
+
+BodyBuilder = Callable[[Generation, list[ChoiceResult]], dict[str, Any]]
+
+
+class _Chunks(Protocol):
+    def for_event(self, index: int, event: TokenEvent) -> list[dict[str, Any]]: ...
+
+    def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]: ...
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {"id": state.served_model_id, "object": "model", "created": state.created, "owned_by": "qwen3-local"}
+
+
+@router.get("/v1/models", response_model=None)
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(server_state(request))]}
+
+
+@router.get("/v1/models/{model_id:path}", response_model=None)
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    state = server_state(request)
+    state.check_model(model_id)
+    return _model_card(state)
+
+
+async def _off_loop_if_long(n_chars: int, work: Callable[[], list[int]]) -> list[int]:
+    return await asyncio.to_thread(work) if n_chars > OFFLOAD_PROMPT_CHARS else work()
+
+
+def _template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: string content, 'developer' read as 'system'."""
+    rendered = []
+    for message in messages:
+        entry: dict[str, Any] = {
+            "role": "system" if message.role == "developer" else message.role,
+            "content": message.text(),
+        }
+        if message.name is not None:
+            entry["name"] = message.name
+        if message.tool_calls is not None:
+            entry["tool_calls"] = message.tool_calls
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        rendered.append(entry)
+    return rendered
+
+
+async def _chat_prompt(template: ChatTemplate, messages: Sequence[ChatMessage], engine: Engine) -> list[int]:
+    template_messages = _template_messages(messages)
+
+    def render_and_tokenize() -> list[int]:
+        return template.tokenize(template.render(template_messages), engine.info, engine.vocab)
+
+    n_chars = sum(len(message["content"]) for message in template_messages)
+    return await _off_loop_if_long(n_chars, render_and_tokenize)
+
+
+async def _completion_prompt(prompt: str | list[int], engine: Engine) -> list[int]:
+    if not isinstance(prompt, str):
+        return prompt
+    # As llama.cpp's server does: special tokens written in the text are parsed, BOS added if the model wants.
+    return await _off_loop_if_long(
+        len(prompt), lambda: engine.vocab.tokenize(prompt, add_special=True, parse_special=True)
+    )
+
+
+def _prompt_text(prompt: str | list[int], engine: Engine) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return b"".join(engine.vocab.piece(token) for token in prompt).decode("utf-8", errors="replace")
+
+
+async def _streamed_body(
+    first: tuple[int, TokenEvent],
+    events: AsyncGenerator[tuple[int, TokenEvent], None],
+    generation: Generation,
+    chunks: _Chunks,
+    include_usage: bool,
+    metrics: Metrics,
+) -> AsyncIterator[bytes]:
+    """The SSE events after the first engine event. An error from here on can only be told in the stream:
+    a `data: {"error": ...}` event, then [DONE]. A disconnect cancels this iterator; `finally` frees the
+    request's slots."""
+
+    def encoded(index: int, event: TokenEvent) -> list[bytes]:
+        error = event_error(event)
+        if error is not None:
+            raise error
+        return [sse_event(chunk) for chunk in chunks.for_event(index, event)]
+
+    try:
+        for data in encoded(*first):
+            yield data
+        async for index, event in events:
+            for data in encoded(index, event):
+                yield data
+        if include_usage:
+            yield sse_event(chunks.usage_chunk(generation.usage()))
+    except Exception as exc:
+        if isinstance(exc, ApiError):
+            log.warning("stream %s ended by an error: %s", generation.streams[0].request_id, exc.message)
+        else:
+            log.exception("unexpected error while streaming %s", generation.streams[0].request_id)
+        metrics.stream_errors.inc()
+        yield b"data: " + stream_error_payload(exc) + b"\n\n"
+    finally:
+        generation.cancel()
+    yield DONE_EVENT
+
+
+async def _respond(
+    request: Request,
+    generation: Generation,
+    *,
+    stream: bool,
+    chunks: _Chunks,
+    include_usage: bool,
+    build_body: BodyBuilder,
+    metrics: Metrics,
+) -> Response:
+    if not stream:
+        body = await until_disconnected(request, _collected_body(generation, build_body))
+        return JSONResponse(body)
+    events = generation.events()
+    try:
+        # Wait for the first event before answering: a request that fails before producing anything (decode
+        # error, timeout) gets a proper HTTP error instead of a stream holding only an error event.
+        first = await until_disconnected(request, anext(events))
+        error = event_error(first[1])
+        if error is not None:
+            raise error
+    except BaseException:
+        generation.cancel()
+        await events.aclose()
+        raise
+    return event_source_response(_streamed_body(first, events, generation, chunks, include_usage, metrics))
+
+
+async def _collected_body(generation: Generation, build_body: BodyBuilder) -> dict[str, Any]:
+    return build_body(generation, await collect_choices(generation))
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    received_at = time.perf_counter()
+    state = server_state(request)
+    state.check_model(body.model)
+    engine, template = state.ready()
+    params = sampling_params(
+        body,
+        engine.info,
+        max_tokens=body.output_limit,
+        logprobs=bool(body.logprobs),
+        top_logprobs=body.top_logprobs or 0,
+    )
+    prompt = await _chat_prompt(template, body.messages, engine)
+    response_id, requests = engine_requests([prompt], params, body.n, "chatcmpl")
+    generation = Generation.submit(engine, requests, state.metrics, received_at, "chat")
+    header = ResponseHeader(response_id, int(time.time()), state.served_model_id)
+    return await _respond(
+        request,
+        generation,
+        stream=body.stream,
+        chunks=ChatChunks(header, include_usage=body.include_usage, want_logprobs=params.logprobs),
+        include_usage=body.include_usage,
+        build_body=lambda gen, choices: chat_completion(header, choices, gen.usage(), params.logprobs),
+        metrics=state.metrics,
+    )
+
+
+def _completion_params(body: CompletionRequest, engine: Engine) -> SamplingParams:
+    return sampling_params(
+        body,
+        engine.info,
+        max_tokens=body.max_tokens,
+        logprobs=body.logprobs is not None,
+        top_logprobs=body.logprobs or 0,
+    )
+
+
+@router.post("/v1/completions", response_model=None)
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    received_at = time.perf_counter()
+    state = server_state(request)
+    state.check_model(body.model)
+    engine, _ = state.ready()
+    params = _completion_params(body, engine)
+    prompts = body.prompts()
+    prompt_tokens = [await _completion_prompt(prompt, engine) for prompt in prompts]
+    response_id, requests = engine_requests(prompt_tokens, params, body.n, "cmpl")
+    try:
+        generation = Generation.submit(engine, requests, state.metrics, received_at, "completions")
+    except ContextLengthExceededError as exc:
+        exc.param = "prompt" if exc.param == "messages" else exc.param
+        raise
+    echo_texts = [_prompt_text(prompt, engine) if body.echo else "" for prompt in prompts for _ in range(body.n)]
+    header = ResponseHeader(response_id, int(time.time()), state.served_model_id)
+    return await _respond(
+        request,
+        generation,
+        stream=body.stream,
+        chunks=CompletionChunks(
+            header, include_usage=body.include_usage, want_logprobs=params.logprobs, echo_texts=echo_texts
+        ),
+        include_usage=body.include_usage,
+        build_body=lambda gen, choices: text_completion(header, choices, gen.usage(), params.logprobs, echo_texts),
+        metrics=state.metrics,
+    )

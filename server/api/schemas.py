@@ -1,0 +1,199 @@
+"""Request bodies of the OpenAI-compatible routes, validated strictly (a string is not a number, 1.0 is not
+an integer), with unknown fields ignored the way OpenAI clients expect. Every constraint here turns into a
+400 whose `param` names the field (see api/errors.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, cast
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+MAX_STOP_STRINGS = 4
+MAX_TOP_LOGPROBS = 20
+
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
+
+
+class _StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class TextPart(_StrictModel):
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _only_text(self) -> TextPart:
+        if self.type != "text":
+            raise ValueError(f"content parts of type '{self.type}' are not supported; only 'text' parts are")
+        if self.text is None:
+            raise ValueError("a 'text' content part needs a 'text' field")
+        return self
+
+
+class ChatMessage(_StrictModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # past assistant tool calls, handed to the template
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_present(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a '{self.role}' message needs 'content'")
+        return self
+
+    def text(self) -> str:
+        """The content as one string: text parts joined by newlines, none as empty."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text or "" for part in self.content)
+
+
+class StreamOptions(_StrictModel):
+    include_usage: bool = False
+
+
+class SamplingFields(_StrictModel):
+    """What both generation routes accept beyond the prompt (OpenAI fields, then llama.cpp extras)."""
+
+    model: str | None = Field(default=None, description="The served model id (optional: there is one).")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Bias] | None = None
+    seed: int | None = None
+    user: str | None = None
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = Field(default=None, gt=0.0)
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(stop)}")
+        return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isdecimal():
+                raise ValueError(f"keys must be token ids written as decimal strings, got {key!r}")
+        return bias
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return tuple(stop for stop in stops if stop)  # an empty stop string would end every answer at once
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return top_logprobs
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, tools: list[Any] | None) -> list[Any] | None:
+        if tools:
+            raise ValueError("tool and function calling are not supported by this server")
+        return tools
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format_only(cls, response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+        if response_format is not None and response_format.get("type", "text") != "text":
+            raise ValueError("only {'type': 'text'} is supported")
+        return response_format
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+PromptInput = str | list[int] | list[str] | list[list[int]]
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(item) is int for item in value)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: PromptInput
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this legacy route
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, prompt: Any) -> Any:
+        """One readable message for every wrong shape, instead of one per member of the union."""
+        if isinstance(prompt, str) or _is_token_ids(prompt):
+            return prompt
+        is_list_of_prompts = isinstance(prompt, list) and bool(prompt)
+        if is_list_of_prompts and (
+            all(isinstance(item, str) for item in prompt) or all(_is_token_ids(item) for item in prompt)
+        ):
+            return prompt
+        raise ValueError(
+            "prompt must be a string, a non-empty list of token ids, or a non-empty list of strings or of "
+            "token-id lists"
+        )
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise ValueError("suffix is not supported by this server")
+        return suffix
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        if best_of is not None and best_of != info.data.get("n"):
+            raise ValueError("best_of is not supported (it may only equal n)")
+        return best_of
+
+    @field_validator("echo")
+    @classmethod
+    def _echo_without_logprobs(cls, echo: bool, info: ValidationInfo) -> bool:
+        if echo and info.data.get("logprobs") is not None:
+            raise ValueError("echo together with logprobs is not supported (prompt logprobs are not computed)")
+        return echo
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts this request holds: one per string or token-id list."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if _is_token_ids(prompt):
+            return [cast(list[int], prompt)]
+        return [cast(str | list[int], item) for item in prompt]

@@ -1,0 +1,111 @@
+"""Everything one app holds at run time, hung off `app.state.server` (no module-level mutable state)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Literal, cast
+
+from fastapi import FastAPI
+from starlette.requests import HTTPConnection
+
+from server.chat_template import ChatTemplate
+from server.engine.engine import Engine, EngineStats
+from server.errors import ModelNotFoundError, ServiceUnavailableError
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LoadStatus = Literal["loading", "ready", "failed", "stopped"]
+
+
+class ServerState:
+    """The model's lifecycle (loading → ready, or failed) and what the routes need from it.
+
+    Mutated only on the event loop thread: the loader thread hands its result over with
+    call_soon_threadsafe.
+    """
+
+    def __init__(
+        self, settings: Settings, served_model_id: str, on_load_failure: Callable[[str], None] | None = None
+    ) -> None:
+        self.settings = settings
+        self._on_load_failure = on_load_failure
+        self.served_model_id = served_model_id
+        self.created = int(time.time())
+        self.status: LoadStatus = "loading"
+        self.load_error: str | None = None
+        self.engine: Engine | None = None
+        self.chat_template: ChatTemplate | None = None
+        self.metrics = Metrics(self.engine_stats)
+
+    def engine_stats(self) -> EngineStats | None:
+        return self.engine.stats() if self.engine is not None and self.status == "ready" else None
+
+    def attach(self, engine: Engine, chat_template: ChatTemplate) -> None:
+        """The loader finished: start the engine (on the event loop: it captures the loop) and serve."""
+        if self.status == "stopped":  # shut down while loading: nobody will use this engine
+            engine.stop()
+            return
+        try:
+            engine.start()
+        except Exception as exc:
+            log.exception("the engine failed to start")
+            self.fail(f"the engine failed to start: {exc}")
+            engine.stop()
+            return
+        self.engine = engine
+        self.chat_template = chat_template
+        self.status = "ready"
+        info = engine.info
+        log.info(
+            "serving %s (%s): %d slots × %d tokens, chat template from %s",
+            self.served_model_id,
+            info.architecture,
+            info.n_slots,
+            info.n_ctx_per_slot,
+            chat_template.origin,
+        )
+
+    def fail(self, message: str) -> None:
+        if self.status == "stopped":
+            return
+        self.status = "failed"
+        self.load_error = message
+        if self._on_load_failure is not None:
+            self._on_load_failure(message)
+
+    def detach(self) -> Engine | None:
+        """Shutdown: no more requests; the caller stops the returned engine."""
+        engine, self.engine = self.engine, None
+        self.status = "stopped"
+        return engine
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.served_model_id:
+            raise ModelNotFoundError(
+                f"The model '{requested}' does not exist; this server serves '{self.served_model_id}'.",
+                param="model",
+            )
+
+    def ready(self) -> tuple[Engine, ChatTemplate]:
+        if self.status == "ready" and self.engine is not None and self.chat_template is not None:
+            return self.engine, self.chat_template
+        raise ServiceUnavailableError(self.unavailable_reason())
+
+    def unavailable_reason(self) -> str:
+        if self.status == "loading":
+            return "The model is still loading; retry shortly."
+        if self.status == "failed":
+            return f"The model failed to load: {self.load_error}"
+        return "The server is shutting down."
+
+
+def server_state(connection: HTTPConnection) -> ServerState:
+    return cast(ServerState, connection.app.state.server)
+
+
+def app_server_state(app: FastAPI) -> ServerState:
+    return cast(ServerState, app.state.server)

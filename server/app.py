@@ -1,0 +1,122 @@
+"""The FastAPI app: routes, the one error mapping, metrics, and the model's lifecycle.
+
+The model loads in a background thread, so the server answers from the first second: /health says 503
+"loading" until the engine runs, then 200. Everything the app holds hangs off `app.state.server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from convert.registry import load_registry
+from server.api import admin, openai
+from server.api.errors import CatchUnexpectedErrors, install_error_handlers
+from server.api.state import ServerState, app_server_state
+from server.chat_template import ChatTemplateError, select_chat_template
+from server.engine.engine import Engine
+from server.metrics import CountRequests
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[], Engine]
+
+
+def served_model_id(settings: Settings) -> str:
+    """The id clients send as `model`: the configured name, else the models.yaml name or the file's stem."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    if settings.model is None:
+        return load_registry(settings.models_file).default
+    path = Path(settings.model).expanduser()
+    if settings.model.endswith(".gguf") or path.is_file():
+        return path.stem
+    return settings.model
+
+
+def _build_engine(settings: Settings) -> Engine:
+    from server.engine.loader import build_engine  # deferred: it imports llama.cpp, which loads slowly
+
+    return build_engine(settings)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> bool:
+    """Run callback on the event loop thread; False when the loop is already closed."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _load_model(state: ServerState, factory: EngineFactory, loop: asyncio.AbstractEventLoop) -> None:
+    """The loader thread: build the engine and pick its chat template, then hand both to the event loop."""
+    try:
+        engine = factory()
+    except Exception as exc:
+        log.exception("loading the model failed")
+        _on_loop(loop, state.fail, f"{type(exc).__name__}: {exc}")
+        return
+    override = Path(state.settings.chat_template) if state.settings.chat_template else None
+    try:
+        template = select_chat_template(engine.info, engine.vocab, override)
+    except ChatTemplateError as exc:
+        log.error("%s", exc)
+        engine.stop()
+        _on_loop(loop, state.fail, str(exc))
+        return
+    if not _on_loop(loop, state.attach, engine, template):
+        engine.stop()
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI, *, factory: EngineFactory) -> AsyncIterator[None]:
+    state = app_server_state(app)
+    log.info("loading model %s", state.served_model_id)
+    loader = threading.Thread(
+        target=_load_model, args=(state, factory, asyncio.get_running_loop()), name="model-loader", daemon=True
+    )
+    loader.start()
+    try:
+        yield
+    finally:
+        engine = state.detach()
+        if engine is not None:
+            # stop() joins the engine thread, whose last act fails every unfinished request: not on the loop
+            await asyncio.to_thread(engine.stop)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine_factory: EngineFactory | None = None,
+    on_load_failure: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The app for these settings. `engine_factory` builds the engine (in a background thread); by default
+    it loads the configured model through llama.cpp. A failed load leaves the app answering 503 (and
+    /health says why, as does `app.state.server.load_error`); `on_load_failure(message)`, called on the event
+    loop, lets the CLI stop the server instead."""
+    factory = engine_factory or partial(_build_engine, settings)
+    state = ServerState(settings, served_model_id(settings), on_load_failure)
+    app = FastAPI(
+        title="qwen3-local",
+        summary="OpenAI-compatible server for GGUF models with continuous batching",
+        lifespan=partial(_lifespan, factory=factory),
+    )
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(CatchUnexpectedErrors)
+    app.add_middleware(CountRequests, metrics=state.metrics)  # added last: outermost, sees every status
+    app.include_router(admin.health_router)
+    app.include_router(admin.router)
+    app.include_router(openai.router)
+    return app
