@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from convert.registry import RegistryError, resolve_model
-from offload.gguf_shape import GgufError, KvType, ModelShape, read_model_shape
-from offload.hardware import GIB, MIB, HardwareError, HardwareProfile, detect, parse_size, with_overrides
+from offload.gguf_shape import GgufError, KvType, read_model_shape
+from offload.hardware import HardwareError, HardwareProfile, detect, parse_size, with_overrides
 from offload.placement import placement_for
-from offload.planner import DoesNotFitError, Plan, PlanError, PlanRequest, plan
+from offload.planner import DoesNotFitError, PlanError, PlanRequest, plan
+from offload.table import render_table
 
 EXIT_DOES_NOT_FIT = 1
 EXIT_BAD_INPUT = 2
@@ -74,89 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _hardware(args: argparse.Namespace) -> HardwareProfile:
     profile = detect(refresh=args.refresh_hardware)
     return with_overrides(profile, gpus=args.gpu, ram=args.ram, cores=args.cores)
-
-
-def _size(n_bytes: float) -> str:
-    if abs(n_bytes) >= GIB:
-        return f"{n_bytes / GIB:.2f} GiB"
-    if n_bytes == 0:
-        return "0"
-    return f"{n_bytes / MIB:.0f} MiB"
-
-
-def _ranges(indices: Sequence[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
-    parts: list[str] = []
-    start = previous = None
-    for index in sorted(indices):
-        if start is None or previous is None:
-            start = previous = index
-        elif index == previous + 1:
-            previous = index
-        else:
-            parts.append(f"{start}-{previous}" if previous != start else str(start))
-            start = previous = index
-    if start is not None and previous is not None:
-        parts.append(f"{start}-{previous}" if previous != start else str(start))
-    return ", ".join(parts) if parts else "none"
-
-
-def render_table(result: Plan, shape: ModelShape) -> str:
-    lines = [
-        f"{result.model} ({result.architecture}, {_size(result.model_bytes)}, {shape.n_layer} layers)",
-        f"context {result.ctx} tokens x {result.parallel} slot{'s' if result.parallel > 1 else ''} "
-        f"(n_ctx {result.n_ctx}), KV cache {result.kv_type}, batch {result.n_batch} / micro-batch {result.n_ubatch}, "
-        f"{result.threads} threads, {'mmap' if result.use_mmap else 'no mmap'}{', mlock' if result.use_mlock else ''}",
-        "",
-    ]
-    header = ("device", "budget", "weights", "KV cache", "recurrent", "compute", "runtime", "total", "free")
-    rows = [header] + [
-        (
-            d.name,
-            _size(d.budget_bytes),
-            _size(d.weights_bytes),
-            _size(d.kv_bytes),
-            _size(d.recurrent_bytes),
-            _size(d.compute_bytes),
-            _size(d.overhead_bytes),
-            _size(d.total_bytes),
-            _size(d.free_bytes),
-        )
-        for d in result.devices
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines += ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
-    lines.append("")
-    by_device: dict[str, list[int]] = {}
-    for layer in result.layers:
-        by_device.setdefault(layer.device, []).append(layer.index)
-    mixer = "attention/SSM" if shape.has_recurrent_layers else "attention"
-    rest = "norms, router, shared expert" if shape.is_moe else "norms, FFN"
-    for device, indices in by_device.items():
-        lines.append(f"layers {_ranges(indices)}: {mixer}, {rest} on {device}")
-    expert_devices: dict[str, list[int]] = {}
-    for layer in result.layers:
-        if layer.experts_device is not None:
-            expert_devices.setdefault(layer.experts_device, []).append(layer.index)
-    for device, indices in expert_devices.items():
-        lines.append(f"routed experts on {device}: layers {_ranges(indices)} ({len(indices)})")
-    lines.append(f"output layer on {result.output_device}; token_embd on CPU")
-    lines.append(
-        f"n_gpu_layers {result.n_gpu_layers}"
-        + (f", tensor_split {list(result.tensor_split)}" if result.tensor_split else "")
-    )
-    for pattern, device in result.tensor_overrides:
-        lines.append(f"override: {pattern} -> {device}")
-    lines.append("")
-    predicted = result.predicted
-    decode = f"decode {predicted.decode_tokens_per_s:.1f} tok/s"
-    if result.parallel > 1:
-        decode += f" with {result.parallel} slots ({predicted.decode_tokens_per_s_single:.1f} for one)"
-    lines.append(f"predicted: {decode}, prefill {predicted.prefill_tokens_per_s:.0f} tok/s")
-    lines.append(f"binding constraint: {result.binding_constraint}")
-    for tradeoff in result.tradeoffs:
-        lines.append(f"trade-off: {tradeoff}")
-    return "\n".join(lines)
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -44,6 +44,14 @@ async def slots(request: Request) -> list[dict[str, Any]]:
     ]
 
 
+@router.get("/plan", response_model=None)
+async def load_plan(request: Request) -> dict[str, Any]:
+    """How the model was loaded: the extra-buffer-type verdict and, with --auto-offload, the offload plan
+    (offload/README.md documents its JSON) and each buffer's predicted vs allocated size."""
+    engine, _ = server_state(request).ready()
+    return dict(engine.load_report or {})
+
+
 @router.get("/metrics", response_model=None)
 async def metrics(request: Request) -> Response:
     return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE)

@@ -11,8 +11,9 @@ import math
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from server.engine.backend import Backend, BackendError, ModelInfo, SampledToken, Vocab
 from server.engine.request import Request, TokenEvent
@@ -117,8 +118,11 @@ class RequestStream:
 
 
 class Engine:
-    def __init__(self, backend: Backend, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self, backend: Backend, config: EngineConfig | None = None, *, load_report: Mapping[str, Any] | None = None
+    ) -> None:
         self.config = config or EngineConfig()
+        self.load_report = load_report  # how the model was loaded (the offload plan, its memory check), for GET /plan
         self._backend = backend
         info = backend.info
         self._scheduler = Scheduler(

@@ -97,6 +97,7 @@ class LlamaBackendConfig:
     use_extra_bufts: bool = False  # weight repacking / AMX buffers (see bufts_probe.py before turning on)
     n_gpu_layers: int = -1  # layers in GPU memory; negative: all (no effect on a CPU-only build)
     tensor_overrides: tuple[tuple[str, str], ...] = ()  # (regex on tensor names, device name) like -ot
+    tensor_split: tuple[float, ...] = ()  # share of layers per GPU (llama.cpp -ts); empty: llama.cpp decides
     type_k: str = "f16"
     type_v: str = "f16"
     flash_attn: str = "auto"
@@ -338,6 +339,19 @@ def _failure_detail(log_lines: Sequence[str]) -> str:
     return "; ".join(chosen) if chosen else "llama.cpp gave no reason"
 
 
+def _tensor_split_array(shares: Sequence[float]) -> Any:
+    """llama_model_params.tensor_split: a float array of llama_max_devices() entries (zeros: unused)."""
+    n_devices = llama.llama_max_devices()
+    if len(shares) > n_devices:
+        raise BackendError(f"tensor_split names {len(shares)} devices; this llama.cpp supports {n_devices}")
+    return (ctypes.c_float * n_devices)(*shares)
+
+
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp build can put layers on a GPU (a CPU-only build cannot)."""
+    return bool(llama.llama_supports_gpu_offload())
+
+
 def llama_system_info() -> str:
     """llama.cpp's build features (SIMD, AMX, REPACK, ...) as it prints them."""
     return (llama.llama_print_system_info() or b"").decode(errors="replace").strip()
@@ -362,6 +376,7 @@ class LlamaBackend:
         llama.llama_backend_init()  # idempotent: it only initialises ggml's timer and tables
         # Resolve devices before loading anything: an unknown device must fail fast and cleanly.
         self._buft_overrides = _buffer_type_overrides(config.tensor_overrides, _GgmlDevices())
+        self._tensor_split = _tensor_split_array(config.tensor_split)  # kept alive for the model's lifetime
         self._log_capture = _LogCapture(logger)
         self._log_capture_ref = ctypes.py_object(self._log_capture)  # what user_data points at
         self._log_user_data = ctypes.cast(ctypes.pointer(self._log_capture_ref), ctypes.c_void_p)
@@ -400,6 +415,8 @@ class LlamaBackend:
         params.use_extra_bufts = config.use_extra_bufts
         if config.tensor_overrides:
             params.tensor_buft_overrides = ctypes.cast(self._buft_overrides, ctypes.c_void_p).value
+        if config.tensor_split:
+            params.tensor_split = self._tensor_split
         model = llama.llama_model_load_from_file(os.fsencode(model_path), params)
         if not model:
             detail = _failure_detail(self._log_capture.drain())

@@ -205,3 +205,20 @@ async def test_disconnect_while_queued_for_a_stream_withdraws_the_request(
         assert (await running).status_code == 200
         assert served.engine.stats().n_requests_finished == 1
     assert "unexpected error" not in caplog.text
+
+
+async def test_plan_endpoint_serves_the_engines_load_report() -> None:
+    report = {"model": "fake-model", "plan": {"n_gpu_layers": 0, "kv_type": "f16"}}
+
+    def factory() -> Engine:
+        return Engine(FakeBackend(), EngineConfig(), load_report=report)
+
+    app = create_app(Settings(served_model_name=MODEL), engine_factory=factory)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        await wait_for(lambda: app_server_state(app).status == "ready")
+        response = await client.get("/plan")
+    assert response.status_code == 200
+    assert response.json() == report
