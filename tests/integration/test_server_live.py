@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import N_SLOTS, LiveServer
+from tests.integration.conftest import N_SLOTS, LiveServer, start_server, stop_server
 
 MODEL = "smollm2-135m-instruct"
 
@@ -217,3 +218,40 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(
         assert error["code"] == "context_length_exceeded"
     assert smollm2_server.process.poll() is None
     assert chat(smollm2_server, "What is 2 + 2?", max_tokens=4).choices[0].finish_reason in ("stop", "length")
+
+
+def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
+    server = start_server(
+        ["--model", MODEL, "--parallel", "1", "--max-queue", "0", "--ctx-size", "512", "--threads", "2"],
+        tmp_path / "server.log",
+    )
+    try:
+        long_request = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 300,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with (
+            httpx.Client(base_url=server.base_url, timeout=60) as http,
+            http.stream("POST", "/v1/chat/completions", json=long_request) as running,
+        ):
+            assert running.status_code == 200
+            next(running.iter_lines())  # the slot is busy now
+            refused = http.post("/v1/chat/completions", json={**long_request, "stream": False, "max_tokens": 4})
+            assert refused.status_code == 429, refused.text
+            assert int(refused.headers["retry-after"]) >= 1
+            assert refused.json()["error"]["code"] == "queue_full"
+        # the stream was closed early: its slot frees up and the server keeps serving
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            answer = httpx.post(
+                server.api_url + "/chat/completions", json={**long_request, "stream": False, "max_tokens": 4}
+            )
+            if answer.status_code == 200:
+                break
+            time.sleep(0.1)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+    finally:
+        stop_server(server)
