@@ -23,13 +23,20 @@ _DEFAULTS = SamplingParams()
 
 
 def sampling_params(
-    body: SamplingFields, info: ModelInfo, *, max_tokens: int | None, logprobs: bool, top_logprobs: int
+    body: SamplingFields,
+    info: ModelInfo,
+    *,
+    max_tokens: int | None,
+    logprobs: bool,
+    top_logprobs: int,
+    default_top_k: int,
 ) -> SamplingParams:
-    """The engine's SamplingParams for a request body; OpenAI's unset (null) fields take OpenAI's defaults."""
+    """The engine's SamplingParams for a request body; OpenAI's unset (null) fields take OpenAI's defaults,
+    and an unset top_k the server's (llama.cpp's extension: OpenAI has none)."""
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=_DEFAULTS.temperature if body.temperature is None else body.temperature,
-        top_k=body.top_k or 0,
+        top_k=default_top_k if body.top_k is None else body.top_k,
         top_p=_DEFAULTS.top_p if body.top_p is None else body.top_p,
         min_p=body.min_p or 0.0,
         seed=body.seed,

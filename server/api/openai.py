@@ -201,6 +201,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         max_tokens=body.output_limit,
         logprobs=bool(body.logprobs),
         top_logprobs=body.top_logprobs or 0,
+        default_top_k=state.settings.default_top_k,
     )
     prompt = await _chat_prompt(template, body.messages, engine)
     response_id, requests = engine_requests([prompt], params, body.n, "chatcmpl")
@@ -217,13 +218,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )
 
 
-def _completion_params(body: CompletionRequest, engine: Engine) -> SamplingParams:
+def _completion_params(body: CompletionRequest, engine: Engine, default_top_k: int) -> SamplingParams:
     return sampling_params(
         body,
         engine.info,
         max_tokens=body.max_tokens,
         logprobs=body.logprobs is not None,
         top_logprobs=body.logprobs or 0,
+        default_top_k=default_top_k,
     )
 
 
@@ -233,7 +235,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state = server_state(request)
     state.check_model(body.model)
     engine, _ = state.ready()
-    params = _completion_params(body, engine)
+    params = _completion_params(body, engine, state.settings.default_top_k)
     prompts = body.prompts()
     prompt_tokens = [await _completion_prompt(prompt, engine) for prompt in prompts]
     response_id, requests = engine_requests(prompt_tokens, params, body.n, "cmpl")

@@ -357,6 +357,15 @@ def llama_system_info() -> str:
     return (llama.llama_print_system_info() or b"").decode(errors="replace").strip()
 
 
+@dataclass(frozen=True)
+class _GreedyBiases:
+    """The non-positive logit biases of a greedy sampler, as a set for lookups and as arrays to apply."""
+
+    tokens: frozenset[int]
+    token_array: npt.NDArray[np.intp]
+    bias_array: npt.NDArray[np.float32]
+
+
 class LlamaBackend:
     """The Backend protocol over llama.cpp's C API. Call close() when done (also on the error path)."""
 
@@ -366,6 +375,7 @@ class LlamaBackend:
         self._ctx: Any = None
         self._batch: llama.llama_batch | None = None
         self._samplers: dict[int, Any] = {}
+        self._greedy_biases: dict[int, _GreedyBiases] = {}  # samplers whose chain is an argmax (see _greedy_token)
         self._saved_states: dict[int, tuple[bytearray, int]] = {}
         self._output_indices: frozenset[int] = frozenset()  # batch indices with logits, last decode
         self._pending_output_indices: frozenset[int] = frozenset()  # those of the batch being decoded
@@ -619,6 +629,25 @@ class LlamaBackend:
         self._check_open()
         self.free_sampler(sampler_id)
         self._samplers[sampler_id] = self._build_sampler_chain(params)
+        greedy_biases = self._argmax_biases(params)
+        if greedy_biases is not None:
+            self._greedy_biases[sampler_id] = greedy_biases
+
+    def _argmax_biases(self, params: SamplingParams) -> _GreedyBiases | None:
+        """For a chain that is only non-positive logit biases + greedy (stateless: nothing to accept), the biases
+        an argmax must respect; None when the chain has to run (penalties, or a bias that can raise a token)."""
+        if not params.greedy or params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            return None
+        biases = dict(params.logit_bias)
+        if params.ignore_eos:
+            biases.update(dict.fromkeys(self._eog_tokens, -math.inf))
+        if any(bias > 0 for bias in biases.values()):
+            return None
+        return _GreedyBiases(
+            tokens=frozenset(biases),
+            token_array=np.fromiter(biases, dtype=np.intp, count=len(biases)),
+            bias_array=np.fromiter(biases.values(), dtype=np.float32, count=len(biases)),
+        )
 
     def _build_sampler_chain(self, params: SamplingParams) -> Any:
         biases = dict(params.logit_bias)
@@ -662,6 +691,7 @@ class LlamaBackend:
         return chain
 
     def free_sampler(self, sampler_id: int) -> None:
+        self._greedy_biases.pop(sampler_id, None)
         chain = self._samplers.pop(sampler_id, None)
         if chain is not None:
             llama.llama_sampler_free(chain)
@@ -673,10 +703,27 @@ class LlamaBackend:
             raise BackendError(f"no sampler with id {sampler_id}")
         if logits_index not in self._output_indices:
             raise BackendError(f"the last decode produced no logits at batch index {logits_index}")
-        token = llama.llama_sampler_sample(chain, self._ctx, logits_index)
+        greedy_biases = self._greedy_biases.get(sampler_id)
+        if greedy_biases is None:
+            token = llama.llama_sampler_sample(chain, self._ctx, logits_index)
+        else:
+            token = self._greedy_token(logits_index, greedy_biases)
         if not params.logprobs:
             return SampledToken(token=token)
         return SampledToken(token=token, logprob=self._logprob(token, logits_index, params.top_logprobs))
+
+    def _greedy_token(self, logits_index: int, biases: _GreedyBiases) -> int:
+        """What the logit-bias + greedy chain picks, without it: llama_sampler_sample copies all n_vocab logits
+        into a candidate array per call (~75 µs for SmolLM2's 49k tokens, ~1.2 ms per 16-slot step); an
+        argmax over the logits in place takes ~10 µs. Biases only lower logits, so the unbiased argmax stands
+        unless it is a biased token. Both take the first of equal maxima and add the bias in float32."""
+        logits = self._logits_view(logits_index)
+        best = int(logits.argmax())
+        if best in biases.tokens:
+            biased = logits.copy()
+            biased[biases.token_array] += biases.bias_array
+            best = int(biased.argmax())
+        return best
 
     def _logits_view(self, logits_index: int) -> npt.NDArray[np.float32]:
         pointer = llama.llama_get_logits_ith(self._ctx, logits_index)

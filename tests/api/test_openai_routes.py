@@ -295,7 +295,7 @@ def test_request_fields_map_onto_sampling_params() -> None:
             "max_completion_tokens": 33,
             "temperature": 0.7,
             "top_p": 0.9,
-            "top_k": 40,
+            "top_k": 7,
             "min_p": 0.05,
             "repeat_penalty": 1.1,
             "presence_penalty": 0.5,
@@ -308,11 +308,11 @@ def test_request_fields_map_onto_sampling_params() -> None:
             "top_logprobs": 4,
         }
     )
-    params = sampling_params(body, info, max_tokens=body.output_limit, logprobs=True, top_logprobs=4)
+    params = sampling_params(body, info, max_tokens=body.output_limit, logprobs=True, top_logprobs=4, default_top_k=40)
     assert params == SamplingParams(
         max_tokens=33,
         temperature=0.7,
-        top_k=40,
+        top_k=7,
         top_p=0.9,
         min_p=0.05,
         seed=42,
@@ -327,6 +327,12 @@ def test_request_fields_map_onto_sampling_params() -> None:
     )
     assert dict(params.logit_bias) == {65: -100.0, 66: 2.5}
     defaults = sampling_params(
-        ChatCompletionRequest.model_validate({"messages": HI}), info, max_tokens=None, logprobs=False, top_logprobs=0
+        ChatCompletionRequest.model_validate({"messages": HI}),
+        info,
+        max_tokens=None,
+        logprobs=False,
+        top_logprobs=0,
+        default_top_k=40,
     )
-    assert defaults == SamplingParams()  # OpenAI's defaults: temperature 1, top_p 1, no penalties
+    # OpenAI's defaults (temperature 1, top_p 1, no penalties) plus the server's top_k, as llama-server does
+    assert defaults == SamplingParams(top_k=40)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -369,3 +370,33 @@ def test_hybrid_model_saves_and_restores_but_cannot_truncate(tiny_qwen3next_gguf
         assert np.array_equal(step(hybrid, 1, 5, len(prompt)), step(hybrid, 0, 5, len(prompt)))
     finally:
         hybrid.close()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        GREEDY,
+        SamplingParams(temperature=0.0, ignore_eos=True),
+        SamplingParams(temperature=0.0, logit_bias={198: -100.0, 28: -5.0, 30: 0.0}),
+    ],
+    ids=["plain", "ignore_eos", "negative_biases"],
+)
+def test_greedy_fast_path_picks_what_the_llama_cpp_chain_picks(clean: LlamaBackend, params: SamplingParams) -> None:
+    """Greedy sampling without penalties skips llama.cpp's sampler chain (an argmax over the logits in place):
+    it must choose exactly what the chain chooses. A tiny positive bias on an unlikely token forces the chain."""
+    chained = replace(params, logit_bias={**params.logit_bias, 49151: 1e-6})
+    prompts = [tokens_of(clean, text) for text in PROMPTS]
+    for slot, prompt in enumerate(prompts):
+        clean.new_sampler(slot, params)
+        clean.new_sampler(10 + slot, chained)
+        position = len(prompt)
+        logits_index = len(prompt) - 1
+        clean.decode([BatchEntry(slot, prompt, 0, True)])
+        for _ in range(24):
+            fast = clean.sample(slot, logits_index, params).token
+            chain = clean.sample(10 + slot, logits_index, chained).token
+            assert fast == chain
+            clean.decode([BatchEntry(slot, (fast,), position, True)])
+            position, logits_index = position + 1, 0
+        clean.free_sampler(slot)
+        clean.free_sampler(10 + slot)
