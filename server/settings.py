@@ -58,6 +58,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Token budget of one step: decode tokens of every running slot plus prefill chunks (n_batch).",
     )
+    prompt_cache_entries: int = Field(
+        default=32,
+        ge=0,
+        description="Sequence states kept in RAM after their slot is reused, so a later request with the same "
+        "prefix (a returning conversation, a repeated prompt) skips its prefill, like llama-server's --cache-ram. "
+        "Each entry costs its KV (e.g. 23 KB/token for SmolLM2) plus, on Qwen3-Next, 75 MiB of recurrent state.",
+    )
     default_top_k: int = Field(
         default=40,
         ge=0,

@@ -70,12 +70,16 @@ class CacheOp:
       "save"     — snapshot `slot`'s whole sequence state (replacing its previous snapshot).
       "restore"  — replace `slot`'s state by its snapshot.
       "copy"     — make `slot` an exact copy of slot `src` (n > 1 choices after a shared prefill).
+      "stash"    — copy `slot`'s whole state into prompt-cache entry `entry` (in RAM, outside the context).
+      "load"     — replace `slot`'s state by prompt-cache entry `entry` (the entry stays).
+      "drop"     — forget prompt-cache entry `entry` (`slot` is unused).
     """
 
     kind: str
     slot: int
     n_keep: int = 0
     src: int = -1
+    entry: int = -1
 
 
 class Vocab(Protocol):

@@ -36,7 +36,8 @@ class EngineConfig:
     max_queue: int = 64  # requests allowed to wait beyond the free slots
     request_timeout_s: float | None = 600.0
     prefix_reuse: bool = True
-    snapshot_min_tokens: int = 16  # recurrent models: smallest prompt worth saving a state snapshot for
+    snapshot_min_tokens: int = 16  # smallest state worth saving (recurrent prompt snapshots, prompt cache)
+    prompt_cache_entries: int = 0  # past slot states kept in RAM for later requests with the same prefix
     idle_poll_s: float = 0.5  # how often an idle engine thread re-checks deadlines
 
 
@@ -133,6 +134,7 @@ class Engine:
                 supports_partial_removal=info.supports_partial_removal,
                 prefix_reuse=self.config.prefix_reuse,
                 snapshot_min_tokens=self.config.snapshot_min_tokens,
+                prompt_cache_entries=self.config.prompt_cache_entries if self.config.prefix_reuse else 0,
             ),
             backend,
         )

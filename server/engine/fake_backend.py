@@ -59,6 +59,7 @@ class FakeBackend:
         self.config = config or FakeBackendConfig()
         self._slots = [_Slot() for _ in range(self.config.n_slots)]
         self._snapshots: dict[int, list[int]] = {}
+        self._stashed: dict[int, list[int]] = {}  # the prompt cache: entry id → tokens
         self._samplers: dict[int, np.random.Generator] = {}
         self._penalty_history: dict[int, list[int]] = {}
         self._logits: np.ndarray = np.zeros((0, N_VOCAB), dtype=np.float32)
@@ -127,8 +128,19 @@ class FakeBackend:
                 slot.tokens = list(self._snapshots[op.slot])
             elif op.kind == "copy":
                 slot.tokens = list(self._slots[op.src].tokens)
+            elif op.kind == "stash":
+                self._stashed[op.entry] = list(slot.tokens)
+            elif op.kind == "load":
+                if op.entry not in self._stashed:
+                    raise BackendError(f"no stashed state {op.entry}")
+                slot.tokens = list(self._stashed[op.entry])
+            elif op.kind == "drop":
+                self._stashed.pop(op.entry, None)
             else:
                 raise BackendError(f"unknown cache op {op.kind!r}")
+
+    def n_stashed(self) -> int:
+        return len(self._stashed)
 
     def slot_tokens(self, slot: int) -> list[int]:
         return list(self._slots[slot].tokens)

@@ -63,7 +63,7 @@ FLASH_ATTN_MODES: Mapping[str, int] = MappingProxyType(
         "off": llama.LLAMA_FLASH_ATTN_TYPE_DISABLED,
     }
 )
-CACHE_OP_KINDS: frozenset[str] = frozenset({"clear", "truncate", "save", "restore", "copy"})
+CACHE_OP_KINDS: frozenset[str] = frozenset({"clear", "truncate", "save", "restore", "copy", "stash", "load", "drop"})
 
 # llama_decode's return codes (llama.h).
 _DECODE_ERRORS: Mapping[int, str] = MappingProxyType(
@@ -376,7 +376,8 @@ class LlamaBackend:
         self._batch: llama.llama_batch | None = None
         self._samplers: dict[int, Any] = {}
         self._greedy_biases: dict[int, _GreedyBiases] = {}  # samplers whose chain is an argmax (see _greedy_token)
-        self._saved_states: dict[int, tuple[bytearray, int]] = {}
+        self._saved_states: dict[int, tuple[bytearray, int]] = {}  # per-slot snapshots ("save"/"restore")
+        self._prompt_cache: dict[int, tuple[bytearray, int]] = {}  # stashed states by entry id ("stash"/"load")
         self._output_indices: frozenset[int] = frozenset()  # batch indices with logits, last decode
         self._pending_output_indices: frozenset[int] = frozenset()  # those of the batch being decoded
         self._config = config
@@ -534,9 +535,15 @@ class LlamaBackend:
             elif op.kind == "truncate":
                 self._truncate(op.slot, op.n_keep)
             elif op.kind == "save":
-                self._save(op.slot)
+                self._save(op.slot, self._saved_states, op.slot)
             elif op.kind == "restore":
-                self._restore(op.slot)
+                self._restore(op.slot, self._saved_states, op.slot)
+            elif op.kind == "stash":
+                self._save(op.slot, self._prompt_cache, op.entry)
+            elif op.kind == "load":
+                self._restore(op.slot, self._prompt_cache, op.entry)
+            elif op.kind == "drop":
+                self._prompt_cache.pop(op.entry, None)
             elif op.kind == "copy":
                 self._check_slot(op.src, "copy source")
                 if op.src == op.slot:
@@ -555,22 +562,23 @@ class LlamaBackend:
                 f"(partial removal is not supported by this {self._info.architecture} model)"
             )
 
-    def _save(self, slot: int) -> None:
+    def _save(self, slot: int, store: dict[int, tuple[bytearray, int]], key: int) -> None:
+        """Copy a slot's whole sequence state (KV and recurrent state) into `store[key]`."""
         n_bytes = llama.llama_state_seq_get_size(self._ctx, slot)
-        storage, _ = self._saved_states.get(slot, (bytearray(), 0))
+        storage, _ = store.get(key, (bytearray(), 0))
         if len(storage) < n_bytes:
-            storage = bytearray(n_bytes)  # grows only: a slot's state is saved again and again
+            storage = bytearray(n_bytes)  # grows only: a slot's snapshot is saved again and again
         view = (ctypes.c_uint8 * n_bytes).from_buffer(storage)
         n_written = llama.llama_state_seq_get_data(self._ctx, view, n_bytes, slot)
         if n_written != n_bytes:
-            self._saved_states.pop(slot, None)  # the old snapshot may be half overwritten
+            store.pop(key, None)  # the old state may be half overwritten
             raise BackendError(f"saving slot {slot}: llama.cpp wrote {n_written} of {n_bytes} bytes")
-        self._saved_states[slot] = (storage, n_bytes)
+        store[key] = (storage, n_bytes)
 
-    def _restore(self, slot: int) -> None:
-        if slot not in self._saved_states:
-            raise BackendError(f"restore of slot {slot}: nothing was saved for it")
-        storage, n_bytes = self._saved_states[slot]
+    def _restore(self, slot: int, store: dict[int, tuple[bytearray, int]], key: int) -> None:
+        if key not in store:
+            raise BackendError(f"restore into slot {slot}: no saved state {key}")
+        storage, n_bytes = store[key]
         self._route_log_here()
         self._log_capture.drain()
         llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
@@ -771,6 +779,7 @@ class LlamaBackend:
             llama.llama_model_free(self._model)
             self._model = None
         self._saved_states.clear()
+        self._prompt_cache.clear()
         self._release_log_capture()
 
     def _route_log_here(self) -> None:

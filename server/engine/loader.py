@@ -56,6 +56,7 @@ def engine_config(settings: Settings, n_batch: int) -> EngineConfig:
         max_queue=settings.max_queue,
         request_timeout_s=settings.request_timeout_s,
         prefix_reuse=settings.prefix_reuse,
+        prompt_cache_entries=settings.prompt_cache_entries,
     )
 
 

@@ -10,7 +10,7 @@ llama.cpp keeps a batch as one pass only when its sequence ids ascend (see the f
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -26,7 +26,8 @@ class SchedulerConfig:
     max_batch_tokens: int  # at least n_slots, so every running slot can decode each step
     supports_partial_removal: bool = True
     prefix_reuse: bool = True
-    snapshot_min_tokens: int = 16  # models without partial removal: save prompt state only if this long
+    snapshot_min_tokens: int = 16  # smallest state worth saving (prompt snapshots, prompt-cache entries)
+    prompt_cache_entries: int = 0  # states of past sequences kept in RAM for reuse by later requests (0: off)
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < self.n_slots:
@@ -77,6 +78,9 @@ class Scheduler:
         self._requests: dict[str, list[Sequence]] = {}  # every unfinished request, waiting or running
         self._fork_sources: dict[int, int] = {}  # child slot → parent slot, copied at the next step
         self._slots_to_clear: set[int] = set()
+        # The prompt cache: what slots held before new requests overwrote them, least recently used first.
+        self._prompt_cache: OrderedDict[tuple[int, ...], int] = OrderedDict()  # tokens → backend entry id
+        self._next_entry_id = 0
         self.counters = SchedulerCounters()
 
     # --- queries ---------------------------------------------------------------------------------
@@ -151,14 +155,18 @@ class Scheduler:
         affected = {seq.request.request_id for seq in plan.entry_sequences}
         affected |= {seq.request.request_id for seq, _ in plan.samples}
         affected |= {seq.request.request_id for seq in plan.admitted}
-        for op in plan.ops:
+        slot_ops = [op for op in plan.ops if op.kind != "drop"]
+        for op in slot_ops:
             owner = self.slots[op.slot].sequence
             if owner is not None:
                 affected.add(owner.request.request_id)
         for entry in plan.entries:
             self._forget_slot(entry.slot)
-        for op in plan.ops:
+        for op in slot_ops:
             self._forget_slot(op.slot)
+        failed_stashes = {op.entry for op in plan.ops if op.kind == "stash"}
+        for tokens in [t for t, entry in self._prompt_cache.items() if entry in failed_stashes]:
+            del self._prompt_cache[tokens]
         events: list[StepEvent] = []
         for request_id in affected:
             events += self._finish_request(request_id, FinishReason.ERROR, message)
@@ -186,12 +194,19 @@ class Scheduler:
             parent = choices[0]
             parent_slot, n_reuse, op = self._choose_slot(parent.prompt)
             self._bind(parent, parent_slot, SequenceStatus.PREFILL)
+            cached = self._best_cache_entry(parent.prompt)
+            if cached is not None and cached[1] > max(n_reuse, self.config.snapshot_min_tokens - 1):
+                n_reuse = self._load_cache_entry(plan, parent_slot, *cached)
+            else:
+                if n_reuse < len(parent_slot.cached_tokens):
+                    self._stash(plan, parent_slot)  # about to lose what the slot holds: keep it in RAM
+                if op is not None:
+                    plan.ops.append(op)
+                self._apply_reuse_bookkeeping(parent_slot, n_reuse, op)
             parent.n_prompt_done = parent.n_cached_tokens = n_reuse
-            if op is not None:
-                plan.ops.append(op)
-            self._apply_reuse_bookkeeping(parent_slot, n_reuse, op)
             for child in choices[1:]:
                 free = next(slot for slot in self.slots if slot.free)
+                self._stash(plan, free)  # the fork will overwrite it
                 self._bind(child, free, SequenceStatus.FORKING)
             plan.admitted += choices
             self.counters.n_prompt_tokens_cached += n_reuse
@@ -230,6 +245,51 @@ class Scheduler:
         if snapshot and len(snapshot) <= max_reuse and prompt[: len(snapshot)] == snapshot:
             candidates.append((len(snapshot), CacheOp("restore", slot.index)))
         return max(candidates, key=lambda candidate: candidate[0])
+
+    def _best_cache_entry(self, prompt: tuple[int, ...]) -> tuple[tuple[int, ...], int] | None:
+        """The prompt-cache entry that saves the most prompt computation, and how many tokens it saves."""
+        max_reuse = len(prompt) - 1
+        best: tuple[tuple[int, ...], int] | None = None
+        for tokens in self._prompt_cache:
+            if self.config.supports_partial_removal:
+                n_reuse = min(common_prefix_length(tokens, prompt), max_reuse)
+            else:  # a recurrent state is usable only whole: the entry must be a prefix of the prompt
+                n_reuse = len(tokens) if len(tokens) <= max_reuse and prompt[: len(tokens)] == tokens else 0
+            if n_reuse > 0 and (best is None or n_reuse > best[1]):
+                best = (tokens, n_reuse)
+        return best
+
+    def _load_cache_entry(self, plan: StepPlan, slot: Slot, tokens: tuple[int, ...], n_reuse: int) -> int:
+        """Fill `slot` from the prompt cache (keeping its old contents there first); return tokens reused."""
+        entry = self._prompt_cache[tokens]
+        self._prompt_cache.move_to_end(tokens)
+        self._stash(plan, slot, evict=False)  # evicting now could drop the very entry about to be loaded
+        plan.ops.append(CacheOp("load", slot.index, entry=entry))
+        self._evict(plan, slot)
+        slot.cached_tokens = list(tokens)
+        if n_reuse < len(tokens):  # only where partial removal works (see _best_cache_entry)
+            plan.ops.append(CacheOp("truncate", slot.index, n_keep=n_reuse))
+            del slot.cached_tokens[n_reuse:]
+        return n_reuse
+
+    def _stash(self, plan: StepPlan, slot: Slot, *, evict: bool = True) -> None:
+        """Save what `slot` holds into the prompt cache before it is overwritten, evicting the LRU entry."""
+        tokens = tuple(slot.cached_tokens)
+        if not self.config.prompt_cache_entries or len(tokens) < self.config.snapshot_min_tokens:
+            return
+        if tokens in self._prompt_cache:
+            self._prompt_cache.move_to_end(tokens)
+            return
+        self._prompt_cache[tokens] = self._next_entry_id
+        plan.ops.append(CacheOp("stash", slot.index, entry=self._next_entry_id))
+        self._next_entry_id += 1
+        if evict:
+            self._evict(plan, slot)
+
+    def _evict(self, plan: StepPlan, slot: Slot) -> None:
+        while len(self._prompt_cache) > self.config.prompt_cache_entries:
+            _, evicted = self._prompt_cache.popitem(last=False)
+            plan.ops.append(CacheOp("drop", slot.index, entry=evicted))
 
     def _apply_reuse_bookkeeping(self, slot: Slot, n_reuse: int, op: CacheOp | None) -> None:
         if op is not None and op.kind == "restore":

@@ -29,7 +29,7 @@ PROMPTS = [
 ]
 
 
-def make_engine(model: Path, *, n_slots: int = 4, prefix_reuse: bool = True) -> Engine:
+def make_engine(model: Path, *, n_slots: int = 4, prefix_reuse: bool = True, prompt_cache_entries: int = 0) -> Engine:
     backend = LlamaBackend(
         model,
         LlamaBackendConfig(
@@ -44,7 +44,15 @@ def make_engine(model: Path, *, n_slots: int = 4, prefix_reuse: bool = True) -> 
             flash_attn="off",
         ),
     )
-    return Engine(backend, EngineConfig(max_batch_tokens=64, prefix_reuse=prefix_reuse, snapshot_min_tokens=8))
+    return Engine(
+        backend,
+        EngineConfig(
+            max_batch_tokens=64,
+            prefix_reuse=prefix_reuse,
+            snapshot_min_tokens=8,
+            prompt_cache_entries=prompt_cache_entries,
+        ),
+    )
 
 
 async def generate(engine: Engine, prompt: str | tuple[int, ...], params: SamplingParams = GREEDY) -> list[TokenEvent]:
@@ -147,3 +155,29 @@ def test_qwen3next_n_choices_fork_the_recurrent_state(tiny_qwen3next_gguf: Path)
         choice_tokens = [t for e in forked if e.choice_index == choice for t in e.token_ids]
         assert choice_tokens == tokens_of(single), f"greedy choice {choice} differs from the single run"
     assert {e.finish_reason for e in forked if e.finish_reason} == {FinishReason.LENGTH}
+
+
+@pytest.mark.parametrize("arch", ["qwen3next", "qwen3moe"])
+def test_prompt_cache_restores_a_conversation_after_its_slot_was_reused(
+    arch: str, request: pytest.FixtureRequest
+) -> None:
+    model = Path(request.getfixturevalue(f"tiny_{arch}_gguf"))
+    engine = make_engine(model, n_slots=1, prompt_cache_entries=4)
+    first_prompt = "A conversation that will come back later, after another one."
+    n_first = len(engine.vocab.tokenize(first_prompt, add_special=True, parse_special=False))
+
+    async def warm() -> tuple[tuple[int, ...], list[TokenEvent]]:
+        first = await generate(engine, first_prompt)
+        await generate(engine, "Something unrelated takes the only slot.")
+        history = tuple(engine.vocab.tokenize(first_prompt, add_special=True, parse_special=False))
+        history += tuple(tokens_of(first)[:-1])
+        return history, await generate(engine, (*history, 5, 6, 7))
+
+    history, returning = run(engine, warm)
+    assert returning[-1].n_cached_tokens == len(history) > n_first, "the whole conversation came back from RAM"
+    cold_engine = make_engine(model, n_slots=1, prefix_reuse=False)
+
+    async def cold() -> list[TokenEvent]:
+        return await generate(cold_engine, (*history, 5, 6, 7))
+
+    assert tokens_of(returning) == tokens_of(run(cold_engine, cold))

@@ -18,7 +18,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 class Harness:
     """A scheduler plus the fake backend, with one call per engine step."""
 
-    def __init__(self, *, n_slots: int = 4, n_ctx: int = 64, budget: int = 16, partial: bool = True) -> None:
+    def __init__(
+        self, *, n_slots: int = 4, n_ctx: int = 64, budget: int = 16, partial: bool = True, cache_entries: int = 0
+    ) -> None:
         self.backend = FakeBackend(
             FakeBackendConfig(n_slots=n_slots, n_ctx_per_slot=n_ctx, n_batch=budget, supports_partial_removal=partial)
         )
@@ -29,6 +31,7 @@ class Harness:
                 max_batch_tokens=budget,
                 supports_partial_removal=partial,
                 snapshot_min_tokens=4,
+                prompt_cache_entries=cache_entries,
             ),
             self.backend,
         )
@@ -370,3 +373,72 @@ def test_sampled_token_logprobs_travel_with_the_event() -> None:
     assert len(logprobs) == 2
     assert all(len(lp.top) == 3 and lp.top[0].logprob >= lp.top[1].logprob for lp in logprobs)
     assert all(lp.token == lp.top[0].token for lp in logprobs), "greedy picks the most likely token"
+
+
+def test_prompt_cache_brings_back_a_prefix_its_slot_lost() -> None:
+    h = Harness(n_slots=1, cache_entries=4)
+    first = h.submit("conversation one, turn one", replace(GREEDY, max_tokens=3))
+    h.run()
+    h.submit("something else entirely", replace(GREEDY, max_tokens=3))
+    plan = h.step()
+    assert [op.kind for op in plan.ops] == ["stash", "clear"], "the slot's contents go to RAM before the clear"
+    h.run()
+    history = "conversation one, turn one" + h.text(first)[:2]
+    returning = h.submit(history + " turn two")
+    plan = h.step()
+    assert [op.kind for op in plan.ops] == ["stash", "load"]
+    assert plan.entries[0].start_pos == len(history)
+    h.run()
+    assert h.text(returning) == alone(history + " turn two")
+    assert h.events[-1].sequence.n_cached_tokens == len(history)
+
+
+def test_prompt_cache_entry_is_truncated_to_the_shared_prefix() -> None:
+    h = Harness(n_slots=1, cache_entries=4)
+    h.submit("shared system prompt. question A", replace(GREEDY, max_tokens=2))
+    h.run()
+    h.submit("unrelated", replace(GREEDY, max_tokens=2))
+    h.run()
+    other = h.submit("shared system prompt. question B")
+    plan = h.step()
+    n_shared = len("shared system prompt. question ")
+    assert [op.kind for op in plan.ops] == ["stash", "load", "truncate"]
+    assert plan.ops[-1].n_keep == n_shared and plan.entries[0].start_pos == n_shared
+    h.run()
+    assert h.text(other) == alone("shared system prompt. question B")
+
+
+def test_prompt_cache_on_a_recurrent_model_needs_a_whole_prefix() -> None:
+    h = Harness(n_slots=1, partial=False, cache_entries=4)
+    first = h.submit("recurrent prompt", replace(GREEDY, max_tokens=3))
+    h.run()
+    h.submit("a different prompt", replace(GREEDY, max_tokens=3))
+    h.run()
+    history = "recurrent prompt" + h.text(first)[:2]
+    cut = h.submit("recurrent prompX")  # shares a prefix with the entry, but the state cannot be cut back
+    plan = h.step()
+    assert "load" not in [op.kind for op in plan.ops]
+    h.run()
+    whole = h.submit(history + " more")
+    plan = h.step()
+    assert "load" in [op.kind for op in plan.ops] and plan.entries[0].start_pos == len(history)
+    h.run()
+    assert h.text(whole) == alone(history + " more", partial=False)
+    assert h.text(cut) == alone("recurrent prompX", partial=False)
+    assert not any(op.kind == "truncate" for op in h.backend.ops)
+
+
+def test_prompt_cache_is_bounded_and_evicts_the_least_recently_used() -> None:
+    h = Harness(n_slots=1, cache_entries=2)
+    for prompt in ["alpha prompt", "bravo prompt", "charlie prompt", "delta prompt"]:
+        h.submit(prompt, replace(GREEDY, max_tokens=2))
+        h.run()
+    drops = [op for p in h.plans for op in p.ops if op.kind == "drop"]
+    stashes = [op for p in h.plans for op in p.ops if op.kind == "stash"]
+    assert len(stashes) == 3 and [op.entry for op in drops] == [stashes[0].entry]
+    assert h.backend.n_stashed() == 2
+    again = h.submit("alpha prompt again")  # its entry was evicted: computed from scratch
+    plan = h.step()
+    assert "load" not in [op.kind for op in plan.ops] and plan.entries[0].start_pos == 0
+    h.run()
+    assert h.text(again) == alone("alpha prompt again")
