@@ -577,7 +577,7 @@ class LlamaBackend:
 
     def _restore(self, slot: int, store: dict[int, tuple[bytearray, int]], key: int) -> None:
         if key not in store:
-            raise BackendError(f"restore into slot {slot}: no saved state {key}")
+            raise BackendError(f"restore into slot {slot}: nothing was saved under {key}")
         storage, n_bytes = store[key]
         self._route_log_here()
         self._log_capture.drain()
