@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_REGISTRY_PATH = Path(__file__).resolve().parent.parent / "models.yaml"
+# The checkout's models.yaml; an installed (non-editable) copy, e.g. in Dockerfile.cuda, names its file in
+# QWEN3_LOCAL_MODELS_FILE, the variable the server's settings read too.
+DEFAULT_REGISTRY_PATH = Path(
+    os.environ.get("QWEN3_LOCAL_MODELS_FILE") or Path(__file__).resolve().parent.parent / "models.yaml"
+)
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
