@@ -254,6 +254,14 @@ def _load_shared_library(lib_dir: Path, base_name: str) -> ctypes.CDLL:
     raise BackendError(f"lib{base_name} is missing from {lib_dir}")
 
 
+def _c_function(library: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any) -> Any:
+    """A C function of `library` with its signature declared (ctypes would guess int otherwise)."""
+    function = getattr(library, name)
+    function.argtypes = argtypes
+    function.restype = restype
+    return function
+
+
 class _GgmlDevices:
     """ggml's device registry, which the llama bindings do not wrap (needed for tensor_buft_overrides)."""
 
@@ -261,24 +269,14 @@ class _GgmlDevices:
         lib_dir = _bindings_lib_dir()
         ggml = _load_shared_library(lib_dir, "ggml")
         ggml_base = _load_shared_library(lib_dir, "ggml-base")
-        self._dev_count = ggml.ggml_backend_dev_count
-        self._dev_count.argtypes = []
-        self._dev_count.restype = ctypes.c_size_t
-        self._dev_get = ggml.ggml_backend_dev_get
-        self._dev_get.argtypes = [ctypes.c_size_t]
-        self._dev_get.restype = ctypes.c_void_p
-        self._dev_by_name = ggml.ggml_backend_dev_by_name
-        self._dev_by_name.argtypes = [ctypes.c_char_p]
-        self._dev_by_name.restype = ctypes.c_void_p
-        self._dev_by_type = ggml.ggml_backend_dev_by_type
-        self._dev_by_type.argtypes = [ctypes.c_int]
-        self._dev_by_type.restype = ctypes.c_void_p
-        self._dev_name = ggml_base.ggml_backend_dev_name
-        self._dev_name.argtypes = [ctypes.c_void_p]
-        self._dev_name.restype = ctypes.c_char_p
-        self._dev_buffer_type = ggml_base.ggml_backend_dev_buffer_type
-        self._dev_buffer_type.argtypes = [ctypes.c_void_p]
-        self._dev_buffer_type.restype = ctypes.c_void_p
+        self._dev_count = _c_function(ggml, "ggml_backend_dev_count", [], ctypes.c_size_t)
+        self._dev_get = _c_function(ggml, "ggml_backend_dev_get", [ctypes.c_size_t], ctypes.c_void_p)
+        self._dev_by_name = _c_function(ggml, "ggml_backend_dev_by_name", [ctypes.c_char_p], ctypes.c_void_p)
+        self._dev_by_type = _c_function(ggml, "ggml_backend_dev_by_type", [ctypes.c_int], ctypes.c_void_p)
+        self._dev_name = _c_function(ggml_base, "ggml_backend_dev_name", [ctypes.c_void_p], ctypes.c_char_p)
+        self._dev_buffer_type = _c_function(
+            ggml_base, "ggml_backend_dev_buffer_type", [ctypes.c_void_p], ctypes.c_void_p
+        )
 
     def names(self) -> tuple[str, ...]:
         names = []

@@ -147,8 +147,7 @@ class Scheduler:
         """Record a decoded batch and the tokens sampled from it; return what each sequence produced."""
         for entry, seq in zip(plan.entries, plan.entry_sequences, strict=True):
             self._record_decoded(entry, seq)
-        events = [self._accept(seq, sampled[seq.seq_id]) for seq, _ in plan.samples]
-        return events
+        return [self._accept(seq, sampled[seq.seq_id]) for seq, _ in plan.samples]
 
     def fail(self, plan: StepPlan, message: str) -> list[StepEvent]:
         """The decode (or a memory op) of this plan failed: fail its requests, forget their slots' memory."""
