@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from bench.harness import N_THREADS
-from convert.registry import resolve_model
+from bindings.llama_backend import LlamaBackend, LlamaBackendConfig
 from offload.shape_fixture import qwen3next_80b_a3b_q4_k_m, write_header_only_gguf
-from server.engine.llama_backend import LlamaBackend, LlamaBackendConfig
+from registry.models import resolve_model
 
 
 @pytest.fixture(scope="session")

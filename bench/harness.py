@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from server.engine.backend import SampledToken, Vocab
+from bindings.protocol import SampledToken, SamplingParams, Vocab
 from server.engine.engine import Engine, EngineConfig
 from server.engine.fake_backend import FakeBackend, FakeBackendConfig
 from server.engine.request import Request
-from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.sequence import Sequence, SequenceStatus
 

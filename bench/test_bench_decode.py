@@ -23,12 +23,12 @@ from fastapi import FastAPI
 
 from bench.harness import N_THREADS
 from bench.load import DEFAULT_PROMPTS_PATH, load_prompts
+from bindings.protocol import SamplingParams
 from server.api.state import app_server_state
 from server.app import create_app
+from server.boot.loader import build_engine
 from server.engine.engine import Engine
-from server.engine.loader import build_engine
 from server.engine.request import Request
-from server.engine.sampling import SamplingParams
 from server.settings import Settings
 
 N_STREAMS = 16

@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
+from bindings.protocol import TokenLogprob, TopLogprob
 from server.api.responses import ChatChunks, ResponseHeader
 from server.api.sse import sse_event
-from server.engine.request import TokenEvent, TokenLogprob, TopLogprob
+from server.engine.request import TokenEvent
 
 HEADER = ResponseHeader("chatcmpl-0123456789abcdef01234567", 1_700_000_000, "smollm2-135m-instruct")
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from bindings.llama_backend import LlamaBackend
 from server.chat_template import ChatTemplate, select_chat_template
-from server.engine.llama_backend import LlamaBackend
 
 N_PROMPT_TOKENS = 2048
 SENTENCE = (

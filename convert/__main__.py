@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from convert.registry import DEFAULT_REGISTRY_PATH, RegistryError, load_registry
+from registry.models import DEFAULT_REGISTRY_PATH, RegistryError, load_registry
 
 
 class CliError(Exception):
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # huggingface-hub's retry notices stay visible; llama.cpp's per-tensor log does not (its failure
     # reason is part of the one error line).
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("server.engine.llama_backend").setLevel(logging.CRITICAL)
+    logging.getLogger("bindings").setLevel(logging.CRITICAL)
     try:
         run(args)
     except KeyboardInterrupt:

@@ -317,7 +317,7 @@ def quantize_gguf(
         raise QuantizeError(f"{src} is already quantized ({', '.join(already)}); quantize from the f32/f16/bf16 GGUF")
     chosen = build_recipe(recipe, file_type, shape, gpu_budget_bytes)
     predicted = split_sizes(plan_types(shape.tensors, chosen.rules), target=True) if chosen.rules else None
-    from server.engine.llama_backend import quantize_file  # deferred: loads llama.cpp
+    from bindings.quantize import quantize_file  # deferred: loads llama.cpp
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent)

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from convert.registry import RegistryError, resolve_model
 from offload.gguf_shape import GgufError, KvType, read_model_shape
 from offload.hardware import HardwareError, HardwareProfile, detect, parse_size, with_overrides
 from offload.placement import placement_for
 from offload.planner import DoesNotFitError, PlanError, PlanRequest, plan
 from offload.table import render_table
+from registry.models import RegistryError, resolve_model
 
 EXIT_DOES_NOT_FIT = 1
 EXIT_BAD_INPUT = 2

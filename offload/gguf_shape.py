@@ -291,6 +291,12 @@ class _HeaderReader:
         self._position += size
         return values
 
+    def raw(self, n_bytes: int) -> bytes:
+        self._need(n_bytes)
+        data = bytes(self._buffer[self._position : self._position + n_bytes])
+        self._position += n_bytes
+        return data
+
     def u32(self) -> int:
         return int(self.unpack("I")[0])
 
@@ -362,7 +368,7 @@ def _read_shard(path: Path) -> _Shard:
         file_size = path.stat().st_size
         with path.open("rb") as stream:
             reader = _HeaderReader(stream, path)
-            if reader.unpack("4s")[0] != GGUF_MAGIC:
+            if reader.raw(4) != GGUF_MAGIC:
                 raise GgufError(f"{path}: not a GGUF file (bad magic)")
             version = reader.u32()
             if version not in (2, 3):

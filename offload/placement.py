@@ -1,7 +1,7 @@
 """A Plan as llama.cpp parameters: a pure description, turned into ctypes by the backend.
 
 Nothing here imports llama.cpp. `placement_for(plan)` gives a `LlamaPlacement`, which offers the values three
-ways: `backend_config_kwargs()` with the field names of server.engine.llama_backend.LlamaBackendConfig,
+ways: `backend_config_kwargs()` with the field names of bindings.llama_backend.LlamaBackendConfig,
 and `model_params()` / `context_params()` with the field names and integer enum values of llama.cpp's
 `llama_model_params` / `llama_context_params` (llama.h), for code that fills the structs itself.
 """

@@ -4,7 +4,7 @@
 ("load_tensors: CPU_Mapped model buffer size = ...", "llama_kv_cache: CPU KV buffer size = ...",
 "llama_memory_recurrent: ... RS buffer size", "sched_reserve: ... compute buffer size", "... output buffer
 size") with the bytes the planner predicts for it. `check(expected, report)` pairs them with a report read
-from the log (server.engine.llama_backend.MemoryReport has the expected attributes) and gives the error of each.
+from the log (bindings.memory_report.MemoryReport has the expected attributes) and gives the error of each.
 
 Buffer names follow llama.cpp: model weights in "CPU_Mapped" (mmap: the span of the file holding the CPU
 tensors, llama-model-loader.cpp get_mapping_range) or "CPU" (no mmap), "CUDA<i>" on GPUs; KV cache, recurrent

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from convert.registry import RegistryError
+from registry.models import RegistryError
 from server.settings import Settings, SettingsError, load_settings
 
 # In-flight requests get this long to finish on SIGTERM/Ctrl-C; then the engine fails what is left.
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from server.app import create_app
-    from server.engine.loader import resolve_settings_model
+    from server.boot.loader import resolve_settings_model
 
     try:
         model = resolve_settings_model(settings)  # fail fast, before binding the port, on a bad --model

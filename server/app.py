@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from convert.registry import load_registry
+from registry.models import load_registry
 from server.api import admin, openai
 from server.api.errors import CatchUnexpectedErrors, install_error_handlers
 from server.api.state import ServerState, app_server_state
@@ -44,7 +44,7 @@ def served_model_id(settings: Settings) -> str:
 
 
 def _build_engine(settings: Settings) -> Engine:
-    from server.engine.loader import build_engine  # deferred: it imports llama.cpp, which loads slowly
+    from server.boot.loader import build_engine  # deferred: it imports llama.cpp, which loads slowly
 
     return build_engine(settings)
 

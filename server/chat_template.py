@@ -23,7 +23,7 @@ from jinja2 import nodes
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from server.engine.backend import ModelInfo, Vocab
+from bindings.protocol import ModelInfo, Vocab
 from server.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)

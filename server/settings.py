@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from convert.registry import DEFAULT_REGISTRY_PATH
+from registry.models import DEFAULT_REGISTRY_PATH
 
 ENV_PREFIX = "QWEN3_LOCAL_"
 

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from bindings.protocol import ModelInfo, SamplingParams, TokenLogprob
 from server.api.schemas import SamplingFields
-from server.engine.backend import ModelInfo
 from server.engine.engine import Engine, RequestStream
-from server.engine.request import FinishReason, Request, TokenEvent, TokenLogprob, next_request_id
-from server.engine.sampling import SamplingParams
+from server.engine.request import FinishReason, Request, TokenEvent, next_request_id
 from server.errors import ApiError, EngineFailureError, InvalidRequestError, RequestTimeoutError
 from server.metrics import Metrics
 

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from bindings.protocol import SamplingParams
 from server.api.auth import require_api_key
 from server.api.errors import stream_error_payload
 from server.api.generation import (
@@ -34,7 +35,6 @@ from server.api.state import ServerState, server_state
 from server.chat_template import ChatTemplate
 from server.engine.engine import Engine
 from server.engine.request import TokenEvent
-from server.engine.sampling import SamplingParams
 from server.errors import ApiError, ContextLengthExceededError
 from server.metrics import Metrics
 

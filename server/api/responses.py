@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bindings.protocol import TokenLogprob
 from server.api.generation import ChoiceResult, finish_reason_text
-from server.engine.request import TokenEvent, TokenLogprob
+from server.engine.request import TokenEvent
 
 
 def token_string(raw: bytes) -> str:

@@ -15,9 +15,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from server.engine.backend import Backend, BackendError, ModelInfo, SampledToken, Vocab
+from bindings.protocol import Backend, BackendError, ModelInfo, SampledToken, SamplingParams, Vocab
 from server.engine.request import Request, TokenEvent
-from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from server.engine.sequence import Sequence, StepEvent
 from server.errors import (

@@ -16,16 +16,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.engine.backend import (
+from bindings.protocol import (
     BackendError,
     BatchEntry,
     CacheOp,
     DecodeError,
     ModelInfo,
     SampledToken,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
 )
-from server.engine.request import TokenLogprob, TopLogprob
-from server.engine.sampling import SamplingParams
 
 BOS, EOS, IM_START, IM_END = 256, 257, 258, 259
 CONTROL_TEXT = {BOS: "<s>", EOS: "</s>", IM_START: "<|im_start|>", IM_END: "<|im_end|>"}

@@ -7,7 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from server.engine.sampling import SamplingParams
+from bindings.protocol import SamplingParams, TokenLogprob
 
 
 def next_request_id(prefix: str = "req") -> str:
@@ -32,23 +32,6 @@ class Request:
     request_id: str = field(default_factory=next_request_id)
     arrival_time: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() value after which the request is failed
-
-
-@dataclass(frozen=True)
-class TopLogprob:
-    token: int
-    text: bytes  # the token's raw bytes (may be part of a UTF-8 character)
-    logprob: float
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """The chosen token's log-probability under the model, and the best alternatives."""
-
-    token: int
-    text: bytes
-    logprob: float
-    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

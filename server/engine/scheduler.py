@@ -14,7 +14,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from server.engine.backend import BatchEntry, CacheOp, SampledToken, Vocab
+from bindings.protocol import BatchEntry, CacheOp, SampledToken, TokenLogprob, Vocab
 from server.engine.request import FinishReason, Request
 from server.engine.sequence import Sequence, SequenceStatus, Slot, StepEvent
 
@@ -393,7 +393,7 @@ class Scheduler:
         reason: FinishReason,
         text: str,
         token_ids: tuple[int, ...],
-        logprobs: tuple,
+        logprobs: tuple[TokenLogprob, ...],
         error: str | None = None,
     ) -> StepEvent:
         seq.status = SequenceStatus.FINISHED

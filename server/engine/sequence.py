@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from server.engine.request import FinishReason, Request, TokenLogprob
+from bindings.protocol import TokenLogprob
+from server.engine.request import FinishReason, Request
 from server.engine.text_stream import TextStream
 
 

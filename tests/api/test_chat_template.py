@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from gguf import GGUFReader
 
-from convert.registry import resolve_model
+from bindings.protocol import ModelInfo
+from registry.models import resolve_model
 from server.chat_template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError, select_chat_template
-from server.engine.backend import ModelInfo
 from server.engine.fake_backend import BOS, FakeBackend, FakeBackendConfig
 from server.errors import InvalidRequestError
 

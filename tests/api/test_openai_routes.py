@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
+from bindings.protocol import SamplingParams
 from server.api.generation import sampling_params
 from server.api.schemas import ChatCompletionRequest
 from server.engine.fake_backend import EOS, FakeBackend, FakeBackendConfig
-from server.engine.sampling import SamplingParams
 
 from .helpers import MODEL, Served, serve, sse_payloads
 

@@ -172,7 +172,7 @@ def test_single_level_runs_merge_into_one_report_and_json() -> None:
 
 
 def test_eos_token_of_the_bundled_model() -> None:
-    from convert.registry import resolve_model
+    from registry.models import resolve_model
 
     assert eos_token_id(resolve_model("smollm2-135m-instruct").path) == 2
 

@@ -34,9 +34,9 @@ from tiny_hf import (
     write_checkpoint,
 )
 
+from bindings.llama_backend import LlamaBackend, LlamaBackendConfig
 from convert.hf_to_gguf import ConversionError, convert_checkpoint
 from convert.tokenizer import PRE_TOKENIZERS, TokenizerError, describe_pre_tokenizer, llama_cpp_pre_name
-from server.engine.llama_backend import LlamaBackend, LlamaBackendConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5

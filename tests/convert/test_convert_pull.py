@@ -10,18 +10,9 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub, FakeRepo
 
-from convert.pull import (
-    CacheLayout,
-    HubLocation,
-    PullError,
-    ensure_model,
-    find_cached_gguf,
-    group_gguf_files,
-    matches_pattern,
-    pull_model,
-    select_model_files,
-)
-from convert.registry import Registry, RegistryError, load_registry, resolve_model
+from convert.pull import PullError, ensure_model, pull_model, select_model_files
+from registry.hub_cache import CacheLayout, HubLocation, find_cached_gguf, group_gguf_files, matches_pattern
+from registry.models import Registry, RegistryError, load_registry, resolve_model
 
 REPO = "test-org/Tiny-GGUF"
 SHARD_1 = "Tiny-Q4_K_M-00001-of-00002.gguf"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from convert.registry import RegistryError, load_registry, resolve_model
+from registry.models import RegistryError, load_registry, resolve_model
 
 GOOD_HUB = """    hub:
       repo: org/Model-GGUF

@@ -12,6 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bindings.llama_backend import LlamaBackend, LlamaBackendConfig
+from bindings.protocol import BatchEntry, CacheOp
 from convert.synth import (
     CHATML_TEMPLATE,
     SPECIAL_TOKENS,
@@ -20,8 +22,6 @@ from convert.synth import (
     synthetic_dims,
     write_synthetic_model,
 )
-from server.engine.backend import BatchEntry, CacheOp
-from server.engine.llama_backend import LlamaBackend, LlamaBackendConfig
 
 F32 = gguf.GGMLQuantizationType.F32
 

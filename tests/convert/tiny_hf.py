@@ -23,9 +23,9 @@ import torch
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from bindings.llama_backend import LlamaBackend, LlamaBackendConfig
+from bindings.protocol import BatchEntry
 from convert.tokenizer import _QWEN2_SPLIT
-from server.engine.backend import BatchEntry
-from server.engine.llama_backend import LlamaBackend, LlamaBackendConfig
 
 VOCAB_SIZE = 320
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -195,7 +195,7 @@ def greedy_generate(gguf_path: Path, prompt_ids: Sequence[int], n_tokens: int) -
     """Prefill the prompt in one decode, then generate greedily through llama.cpp's sampler chain.
 
     Returns the generated tokens and the logits after the prompt."""
-    from server.engine.sampling import SamplingParams
+    from bindings.protocol import SamplingParams
 
     backend = LlamaBackend(gguf_path, LlamaBackendConfig(n_slots=1, n_ctx_per_slot=256, n_batch=64, n_ubatch=64))
     params = SamplingParams(temperature=0.0)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from bindings.llama_backend import LlamaBackend, LlamaBackendConfig
+from bindings.protocol import SamplingParams
 from server.engine.engine import Engine, EngineConfig
-from server.engine.llama_backend import LlamaBackend, LlamaBackendConfig
 from server.engine.request import FinishReason, Request, TokenEvent
-from server.engine.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 PROMPTS = [

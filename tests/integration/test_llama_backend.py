@@ -12,10 +12,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from convert.registry import resolve_model
-from server.engine.backend import BackendError, BatchEntry, CacheOp, DecodeError
-from server.engine.llama_backend import LlamaBackend, LlamaBackendConfig, parse_memory_report
-from server.engine.sampling import SamplingParams
+from bindings.llama_backend import LlamaBackend, LlamaBackendConfig, parse_memory_report
+from bindings.protocol import BackendError, BatchEntry, CacheOp, DecodeError, SamplingParams
+from registry.models import resolve_model
 
 pytestmark = pytest.mark.slow
 
@@ -304,7 +303,7 @@ def test_tensor_override_to_cpu_loads_and_decodes_the_same(
     prompt = tokens_of(clean, PROMPTS[0])
     reference = prefill(clean, 0, prompt)
     # llama.cpp says which tensors an override moved only at debug level; the backend forwards it.
-    with caplog.at_level(logging.DEBUG, logger="server.engine.llama_backend"):
+    with caplog.at_level(logging.DEBUG, logger="bindings.llama_backend"):
         overridden = LlamaBackend(
             smollm2_path,
             LlamaBackendConfig(

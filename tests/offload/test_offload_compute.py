@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from convert.registry import resolve_model
 from offload.compute import (
     CPU_DEVICE,
     ComputeConfig,
@@ -19,6 +18,7 @@ from offload.gguf_shape import KvType, ModelShape, read_model_shape
 from offload.hardware import MIB, HardwareProfile
 from offload.planner import PlanRequest, plan
 from offload.shape_fixture import F32, Q4_K, HeaderModel, TensorSpec, write_header_only_gguf
+from registry.models import resolve_model
 
 MachineFactory = Callable[..., HardwareProfile]
 

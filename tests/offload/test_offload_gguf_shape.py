@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from convert.registry import resolve_model
 from offload.gguf_shape import GgufError, KvType, ModelShape, TensorKind, classify_tensor, read_model_shape
 from offload.hardware import GIB, MIB
+from registry.models import resolve_model
 
 QWEN3NEXT_80B_BYTES = 48_405_005_312  # Qwen3-Next-80B-A3B-Instruct Q4_K_M, as llama.cpp reports it
 

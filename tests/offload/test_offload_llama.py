@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from convert.registry import resolve_model
+from bindings.llama_backend import LlamaBackend, LlamaBackendConfig
 from offload.gguf_shape import KvType, read_model_shape
 from offload.hardware import HardwareProfile, detect, with_overrides
 from offload.placement import placement_for
 from offload.planner import PlanRequest, plan, tensor_override_pattern
 from offload.verify import BufferCheck, check, expected_buffers
-from server.engine.llama_backend import LlamaBackend, LlamaBackendConfig
+from registry.models import resolve_model
 
 pytestmark = pytest.mark.slow
 

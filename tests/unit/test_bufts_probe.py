@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.engine.bufts_probe import ProbeVerdict, judge_probe_report, machine_key, resolve_use_extra_bufts
+from server.boot.bufts_probe import ProbeVerdict, judge_probe_report, machine_key, resolve_use_extra_bufts
 
 
 def child_script(tmp_path: Path, name: str, body: str) -> tuple[str, ...]:
@@ -46,7 +46,7 @@ def cache_files(cache_dir: Path) -> list[Path]:
 def test_real_probe_says_extra_bufts_work_here_and_caches(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # This machine has no AMX: repacking is correct, so the real child decodes identically.
     cache_dir = tmp_path / "cache"
-    with caplog.at_level(logging.INFO, logger="server.engine.bufts_probe"):
+    with caplog.at_level(logging.INFO, logger="server.boot.bufts_probe"):
         first = resolve_use_extra_bufts("auto", cache_dir=cache_dir)
     assert first.use_extra_bufts is True and first.from_cache is False
     assert "q4_0, q8_0, f16" in first.reason

@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import pytest
 
+from bindings.protocol import SamplingParams
 from server.engine.engine import Engine, EngineConfig
 from server.engine.fake_backend import FakeBackend, FakeBackendConfig
 from server.engine.request import FinishReason, Request, TokenEvent
-from server.engine.sampling import SamplingParams
 from server.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError, ServiceUnavailableError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
+from bindings.protocol import SamplingParams
 from server.engine.fake_backend import EOS, FakeBackend, FakeBackendConfig
 from server.engine.request import FinishReason, Request
-from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, common_prefix_length
 from server.engine.sequence import Sequence, StepEvent
 

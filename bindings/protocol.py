@@ -1,19 +1,19 @@
-"""The small protocol between the engine and whatever runs the model.
+"""The small protocol between the engine and whatever runs the model, and the data both sides exchange.
 
-`LlamaBackend` (llama_backend.py, the only importer of the llama.cpp bindings) and `FakeBackend`
-(fake_backend.py, deterministic, for tests and dry runs) implement it. Every method is called from the
+It lives here, in the bindings package, because `LlamaBackend` (bindings/llama_backend.py, the only
+importer of the llama.cpp bindings) implements it and may import nothing from `server/`; the engine and
+`FakeBackend` (server/engine/fake_backend.py, deterministic, for tests and dry runs) use it too. This module
+imports nothing but the standard library, so depending on it never pulls llama.cpp in. Every method is called from the
 engine thread only, except the `Vocab` ones (tokenize, piece, is_eog, chat template), which are
 read-only and may be called from any thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
-
-from server.engine.request import TokenLogprob
-from server.engine.sampling import SamplingParams
 
 
 class BackendError(RuntimeError):
@@ -22,6 +22,48 @@ class BackendError(RuntimeError):
 
 class DecodeError(BackendError):
     """llama_decode failed for one batch; only the sequences in that batch are failed."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop. Validated by the API before it gets here."""
+
+    max_tokens: int | None = None  # None: until end-of-generation or the slot's context is full
+    temperature: float = 1.0  # 0 → greedy
+    top_k: int = 0  # 0 → off
+    top_p: float = 1.0  # 1 → off
+    min_p: float = 0.0  # 0 → off
+    seed: int | None = None  # None → a random seed per sequence
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0  # llama.cpp's multiplicative penalty; 1 → off
+    penalty_last_n: int = 64  # how many recent generated tokens the penalties look at
+    logit_bias: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before them and they are never emitted
+    ignore_eos: bool = False
+    logprobs: bool = False  # return the chosen token's log-probability
+    top_logprobs: int = 0  # and this many alternatives per position (0..20)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: int
+    text: bytes  # the token's raw bytes (may be part of a UTF-8 character)
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The chosen token's log-probability under the model, and the best alternatives."""
+
+    token: int
+    text: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

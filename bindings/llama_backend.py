@@ -2,9 +2,8 @@
 
 One model, one context with `n_seq_max` = number of slots, one preallocated `llama_batch` refilled every
 step, one `llama_sampler` chain per sampler id. It also reads back what llama.cpp says it allocated
-(`memory_report()`), places tensors on devices by regex (`tensor_overrides`, like llama.cpp's `-ot`), and
-holds the child side of the extra-buffer-type probe (`python -m server.engine.llama_backend
---probe-extra-bufts`, see bufts_probe.py).
+(`memory_report()`, see memory_report.py) and places tensors on devices by regex (`tensor_overrides`, like
+llama.cpp's `-ot`, through ggml's device registry in devices.py).
 
 Every method is meant for the engine thread, except the Vocab ones (tokenize, piece, is_eog, token_text),
 which only read the vocabulary and may be called from any thread while the backend is open.
@@ -12,39 +11,35 @@ which only read the vocabulary and may be called from any thread while the backe
 
 from __future__ import annotations
 
-import argparse
-import collections
 import ctypes
-import json
 import logging
 import math
 import os
 import re
-import resource
-import sys
-import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import gguf
 import llama_cpp.llama_cpp as llama
 import numpy as np
 import numpy.typing as npt
 
-from server.engine.backend import (
+from bindings.devices import GgmlDevices, buffer_type_overrides
+from bindings.llama_log import LLAMA_LOG_CALLBACK, LogCapture, failure_detail
+from bindings.memory_report import MemoryReport, parse_memory_report
+from bindings.protocol import (
     BackendError,
     BatchEntry,
     CacheOp,
     DecodeError,
     ModelInfo,
     SampledToken,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
 )
-from server.engine.request import TokenLogprob, TopLogprob
-from server.engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +68,6 @@ _DECODE_ERRORS: Mapping[int, str] = MappingProxyType(
         -1: "invalid input batch",
     }
 )
-
-# ggml_log_level (ggml.h); CONT continues the line of the previous call.
-_LOG_DEBUG, _LOG_INFO, _LOG_WARN, _LOG_ERROR, _LOG_CONT = 1, 2, 3, 4, 5
-_LOG_TO_LOGGING: Mapping[int, int] = MappingProxyType(
-    {_LOG_DEBUG: logging.DEBUG, _LOG_INFO: logging.DEBUG, _LOG_WARN: logging.WARNING, _LOG_ERROR: logging.ERROR}
-)
-# Lines kept between two drains; bounds memory if llama.cpp logs a lot between them.
-_MAX_CAPTURED_LINES = 4096
 _GGML_BACKEND_DEVICE_TYPE_CPU = 0
 
 
@@ -132,194 +119,6 @@ class LlamaBackendConfig:
                 raise ValueError(f"tensor override {pattern!r} names no device")
 
 
-@dataclass(frozen=True)
-class MemoryReport:
-    """Bytes llama.cpp said it allocated while loading, read from its log (printed in MiB, 2 decimals).
-
-    model_bytes: weights per buffer name ("CPU_Mapped", "CPU_REPACK", "CUDA0", "CUDA_Host", ...).
-    kv_cache_bytes / recurrent_state_bytes / compute_bytes / output_bytes: per buffer or device name.
-    """
-
-    model_bytes: Mapping[str, int]
-    kv_cache_bytes: Mapping[str, int]
-    recurrent_state_bytes: Mapping[str, int]
-    compute_bytes: Mapping[str, int]
-    output_bytes: Mapping[str, int]
-
-    @property
-    def total_bytes(self) -> int:
-        parts = (self.model_bytes, self.kv_cache_bytes, self.recurrent_state_bytes, self.compute_bytes)
-        return sum(sum(part.values()) for part in (*parts, self.output_bytes))
-
-
-_MEMORY_LINE = re.compile(
-    r"^\S+:\s+(?P<name>\S+)\s+(?P<kind>model|KV|RS|compute|output) buffer size\s*=\s*(?P<mib>[\d.]+) MiB"
-)
-_COMPUTE_RESERVE_LINE = re.compile(r"^sched_reserve: reserving \.\.\.")
-
-
-def parse_memory_report(log_lines: Sequence[str]) -> MemoryReport:
-    """Turn llama.cpp's load-time log lines into a MemoryReport.
-
-    Several buffers of one kind and name add up (e.g. the KV caches of an iSWA model, mmap'd shards).
-    The compute buffers are reserved again whenever the graph changes; the last reservation counts.
-    """
-    sums: dict[str, dict[str, int]] = {kind: {} for kind in ("model", "KV", "RS", "output")}
-    compute: dict[str, int] = {}
-    for line in log_lines:
-        if _COMPUTE_RESERVE_LINE.match(line):
-            compute = {}
-            continue
-        match = _MEMORY_LINE.match(line)
-        if match is None:
-            continue
-        n_bytes = round(float(match["mib"]) * 1024 * 1024)
-        if match["kind"] == "compute":
-            compute[match["name"]] = n_bytes
-        else:
-            per_name = sums[match["kind"]]
-            per_name[match["name"]] = per_name.get(match["name"], 0) + n_bytes
-    return MemoryReport(
-        model_bytes=MappingProxyType(sums["model"]),
-        kv_cache_bytes=MappingProxyType(sums["KV"]),
-        recurrent_state_bytes=MappingProxyType(sums["RS"]),
-        compute_bytes=MappingProxyType(compute),
-        output_bytes=MappingProxyType(sums["output"]),
-    )
-
-
-class _LogCapture:
-    """One backend's share of llama.cpp's log: whole lines at INFO and above, forwarded to `logging`."""
-
-    def __init__(self, log: logging.Logger) -> None:
-        self._log = log
-        self._lines: collections.deque[str] = collections.deque(maxlen=_MAX_CAPTURED_LINES)
-        self._partial = ""
-        self._partial_level = _LOG_INFO
-
-    def feed(self, level: int, text: str) -> None:
-        if level != _LOG_CONT:
-            if self._partial:
-                self._emit(self._partial_level, self._partial)
-                self._partial = ""
-            self._partial_level = level
-        *complete, self._partial = (self._partial + text).split("\n")
-        for line in complete:
-            self._emit(self._partial_level, line)
-
-    def drain(self) -> list[str]:
-        """The lines captured since the last drain (and forget them)."""
-        lines = list(self._lines)
-        self._lines.clear()
-        return lines
-
-    def _emit(self, level: int, line: str) -> None:
-        if not line.strip():
-            return
-        logging_level = _LOG_TO_LOGGING.get(level, logging.DEBUG)
-        if self._log.isEnabledFor(logging_level):
-            self._log.log(logging_level, "llama.cpp: %s", line)
-        if level >= _LOG_INFO:
-            self._lines.append(line)
-
-
-def _route_llama_log(level: int, text: bytes | None, user_data: int | None) -> None:
-    """llama.cpp's log callback: user_data points at the owning backend's py_object(_LogCapture)."""
-    message = text.decode("utf-8", errors="replace") if text else ""
-    try:
-        if user_data:
-            capture = ctypes.cast(user_data, ctypes.POINTER(ctypes.py_object)).contents.value
-            capture.feed(level, message)
-        elif level >= _LOG_INFO and message.strip():
-            logger.debug("llama.cpp: %s", message.rstrip("\n"))
-    except Exception:  # an exception must never unwind into C
-        logger.exception("llama.cpp log callback failed")
-
-
-# A constant: llama.cpp keeps this pointer, so the function object lives as long as the module.
-_LLAMA_LOG_CALLBACK = llama.llama_log_callback(_route_llama_log)
-
-
-def _bindings_lib_dir() -> Path:
-    """Where the bindings load libllama/libggml from (their LLAMA_CPP_LIB_PATH override included)."""
-    override = os.environ.get("LLAMA_CPP_LIB_PATH")
-    return Path(override) if override else Path(llama.__file__).resolve().parent / "lib"
-
-
-def _load_shared_library(lib_dir: Path, base_name: str) -> ctypes.CDLL:
-    for suffix in (".so", ".dylib"):
-        candidate = lib_dir / f"lib{base_name}{suffix}"
-        if candidate.exists():
-            return ctypes.CDLL(str(candidate))
-    raise BackendError(f"lib{base_name} is missing from {lib_dir}")
-
-
-def _c_function(library: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any) -> Any:
-    """A C function of `library` with its signature declared (ctypes would guess int otherwise)."""
-    function = getattr(library, name)
-    function.argtypes = argtypes
-    function.restype = restype
-    return function
-
-
-class _GgmlDevices:
-    """ggml's device registry, which the llama bindings do not wrap (needed for tensor_buft_overrides)."""
-
-    def __init__(self) -> None:
-        lib_dir = _bindings_lib_dir()
-        ggml = _load_shared_library(lib_dir, "ggml")
-        ggml_base = _load_shared_library(lib_dir, "ggml-base")
-        self._dev_count = _c_function(ggml, "ggml_backend_dev_count", [], ctypes.c_size_t)
-        self._dev_get = _c_function(ggml, "ggml_backend_dev_get", [ctypes.c_size_t], ctypes.c_void_p)
-        self._dev_by_name = _c_function(ggml, "ggml_backend_dev_by_name", [ctypes.c_char_p], ctypes.c_void_p)
-        self._dev_by_type = _c_function(ggml, "ggml_backend_dev_by_type", [ctypes.c_int], ctypes.c_void_p)
-        self._dev_name = _c_function(ggml_base, "ggml_backend_dev_name", [ctypes.c_void_p], ctypes.c_char_p)
-        self._dev_buffer_type = _c_function(
-            ggml_base, "ggml_backend_dev_buffer_type", [ctypes.c_void_p], ctypes.c_void_p
-        )
-
-    def names(self) -> tuple[str, ...]:
-        names = []
-        for index in range(self._dev_count()):
-            raw_name = self._dev_name(self._dev_get(index))
-            names.append(raw_name.decode() if raw_name else f"device{index}")
-        return tuple(names)
-
-    def buffer_type(self, device_name: str) -> int:
-        """The default buffer type of a device by name (case-insensitive); BackendError if unknown."""
-        device = self._dev_by_name(device_name.encode())
-        if not device:
-            matches = [name for name in self.names() if name.lower() == device_name.lower()]
-            if matches:
-                device = self._dev_by_name(matches[0].encode())
-            elif device_name.lower() == "cpu":
-                device = self._dev_by_type(_GGML_BACKEND_DEVICE_TYPE_CPU)
-        if not device:
-            available = ", ".join(self.names()) or "none"
-            raise BackendError(f"unknown device {device_name!r} in a tensor override; available devices: {available}")
-        buffer_type = self._dev_buffer_type(device)
-        if not buffer_type:
-            raise BackendError(f"device {device_name!r} has no buffer type")
-        return int(buffer_type)
-
-
-class _BufferTypeOverride(ctypes.Structure):
-    """struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; }"""
-
-    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-
-def _buffer_type_overrides(
-    overrides: Sequence[tuple[str, str]], devices: _GgmlDevices
-) -> ctypes.Array[_BufferTypeOverride]:
-    """The NULL-pattern-terminated C array for llama_model_params.tensor_buft_overrides."""
-    array = (_BufferTypeOverride * (len(overrides) + 1))()
-    for index, (pattern, device_name) in enumerate(overrides):
-        array[index].pattern = pattern.encode()  # the array keeps the bytes alive (its _objects)
-        array[index].buft = devices.buffer_type(device_name)
-    return array
-
-
 def _default_thread_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -328,13 +127,6 @@ def _load_mode(use_mmap: bool, use_mlock: bool) -> int:
     if use_mmap:
         return llama.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mlock else llama.LLAMA_LOAD_MODE_MMAP
     return llama.LLAMA_LOAD_MODE_MLOCK if use_mlock else llama.LLAMA_LOAD_MODE_NONE
-
-
-def _failure_detail(log_lines: Sequence[str]) -> str:
-    """The most telling lines of what llama.cpp logged while an operation failed."""
-    telling = [line.strip() for line in log_lines if re.search(r"error|fail|invalid|unable|cannot", line, re.I)]
-    chosen = telling[-3:] if telling else [line.strip() for line in log_lines[-2:]]
-    return "; ".join(chosen) if chosen else "llama.cpp gave no reason"
 
 
 def _tensor_split_array(shares: Sequence[float]) -> Any:
@@ -384,9 +176,9 @@ class LlamaBackend:
             raise BackendError(f"model file {model_path} does not exist")
         llama.llama_backend_init()  # idempotent: it only initialises ggml's timer and tables
         # Resolve devices before loading anything: an unknown device must fail fast and cleanly.
-        self._buft_overrides = _buffer_type_overrides(config.tensor_overrides, _GgmlDevices())
+        self._buft_overrides = buffer_type_overrides(config.tensor_overrides, GgmlDevices())
         self._tensor_split = _tensor_split_array(config.tensor_split)  # kept alive for the model's lifetime
-        self._log_capture = _LogCapture(logger)
+        self._log_capture = LogCapture(logger)
         self._log_capture_ref = ctypes.py_object(self._log_capture)  # what user_data points at
         self._log_user_data = ctypes.cast(ctypes.pointer(self._log_capture_ref), ctypes.c_void_p)
         self._route_log_here()
@@ -428,7 +220,7 @@ class LlamaBackend:
             params.tensor_split = self._tensor_split
         model = llama.llama_model_load_from_file(os.fsencode(model_path), params)
         if not model:
-            detail = _failure_detail(self._log_capture.drain())
+            detail = failure_detail(self._log_capture.drain())
             raise BackendError(f"cannot load model {model_path}: {detail}")
         return model
 
@@ -456,7 +248,7 @@ class LlamaBackend:
         params.no_perf = True
         ctx = llama.llama_init_from_model(self._model, params)
         if not ctx:
-            detail = _failure_detail(self._log_capture.drain())
+            detail = failure_detail(self._log_capture.drain())
             raise BackendError(f"cannot create a llama.cpp context for {model_path}: {detail}")
         return ctx
 
@@ -583,7 +375,7 @@ class LlamaBackend:
         view = (ctypes.c_uint8 * n_bytes).from_buffer(storage)
         n_read = llama.llama_state_seq_set_data(self._ctx, view, n_bytes, slot)
         if n_read == 0:
-            detail = _failure_detail(self._log_capture.drain())
+            detail = failure_detail(self._log_capture.drain())
             raise BackendError(f"restoring slot {slot} failed: {detail}")
 
     def decode(self, entries: Sequence[BatchEntry]) -> None:
@@ -595,7 +387,7 @@ class LlamaBackend:
         status = llama.llama_decode(self._ctx, self._batch)
         if status != 0:
             meaning = _DECODE_ERRORS.get(status, "fatal error during the computation")
-            detail = _failure_detail(self._log_capture.drain())
+            detail = failure_detail(self._log_capture.drain())
             raise DecodeError(f"llama_decode failed with {status} ({meaning}) on {n_tokens} tokens: {detail}")
         self._output_indices = self._pending_output_indices
 
@@ -786,7 +578,7 @@ class LlamaBackend:
         Called before the calls whose failures quote the log, since another backend loaded later in the
         same process takes the log over. One pointer swap; the engine thread is the only caller.
         """
-        llama.llama_log_set(_LLAMA_LOG_CALLBACK, self._log_user_data)
+        llama.llama_log_set(LLAMA_LOG_CALLBACK, self._log_user_data)
 
     def _release_log_capture(self) -> None:
         """Point llama.cpp's log back at the capture-less route if it still points at this backend."""
@@ -797,7 +589,7 @@ class LlamaBackend:
         current_user_data = ctypes.c_void_p()
         llama.llama_log_get(ctypes.byref(current_callback), ctypes.byref(current_user_data))
         if current_user_data.value == user_data.value:
-            llama.llama_log_set(_LLAMA_LOG_CALLBACK, ctypes.c_void_p(None))
+            llama.llama_log_set(LLAMA_LOG_CALLBACK, ctypes.c_void_p(None))
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
@@ -845,153 +637,3 @@ class LlamaBackend:
     def _check_token(self, token: int, what: str) -> None:
         if not 0 <= token < self._n_vocab:
             raise BackendError(f"{what}: token id {token} is outside the vocabulary (0..{self._n_vocab - 1})")
-
-
-# --- extra-buffer-type probe (child side; bufts_probe.py runs this in a subprocess) -------------------------
-
-PROBE_ARCH = "llama"
-PROBE_DTYPES: tuple[str, ...] = ("q4_0", "q8_0", "f16")  # AMX has kernels for the quantized ones; f16 too
-PROBE_PROMPTS: tuple[str, str] = (
-    "The quick brown fox jumps over the lazy dog, and the dog does not mind at all.",
-    "Once upon a time there was a king who had three daughters and a golden ball.",
-)
-PROBE_STEPS = 4  # single-token decode steps after the prompts
-
-
-def quantize_file(src: Path, dst: Path, ftype: int, tensor_types: Sequence[tuple[str, str]], n_threads: int) -> None:
-    """llama_model_quantize(src → dst) to llama_ftype `ftype`; raise BackendError with llama.cpp's reason.
-
-    tensor_types: (regex, ggml type name such as "q8_0") pairs, first match wins, searched in each
-    quantizable tensor's name, like llama-quantize's --tensor-type (llama.cpp still falls back to a
-    compatible type when a row length is not a multiple of the type's block size). n_threads <= 0: all cores.
-    """
-    params = llama.llama_model_quantize_default_params()
-    params.nthread = n_threads
-    params.ftype = ftype
-    # llama.cpp reads the patterns until a NULL one; the encoded strings must outlive the call.
-    patterns = [pattern.encode() for pattern, _ in tensor_types]
-    overrides = (llama.llama_model_tensor_override * (len(tensor_types) + 1))()
-    for entry, pattern, (_, type_name) in zip(overrides, patterns, tensor_types, strict=False):
-        entry.pattern = pattern
-        entry.type = int(gguf.GGMLQuantizationType[type_name.upper()])
-    overrides[len(tensor_types)].pattern = None
-    if tensor_types:
-        params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama.llama_model_tensor_override))
-
-    capture = _LogCapture(logger)
-    capture_ref = ctypes.py_object(capture)
-    user_data = ctypes.cast(ctypes.pointer(capture_ref), ctypes.c_void_p)
-    llama.llama_backend_init()
-    llama.llama_log_set(_LLAMA_LOG_CALLBACK, user_data)
-    try:
-        status = llama.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
-    finally:
-        llama.llama_log_set(_LLAMA_LOG_CALLBACK, ctypes.c_void_p(None))
-    if status != 0:
-        raise BackendError(f"llama_model_quantize({src} -> {dst}) failed: {_failure_detail(capture.drain())}")
-
-
-def probe_extra_bufts(work_dir: Path) -> dict[str, Any]:
-    """Decode tiny models with extra buffer types on: two sequences in one batch vs each alone.
-
-    Returns the JSON-able report bufts_probe.py judges: per dtype, the largest |logit difference|.
-    A crash (the AMX bug) kills this process instead, which is why it runs in a child.
-    """
-    # convert.synth pulls in the gguf writer, which only the probe needs; import it here, not at startup.
-    from convert.synth import write_synthetic_model
-
-    started = time.monotonic()
-    reports = []
-    for dtype in PROBE_DTYPES:
-        model_path = write_synthetic_model(PROBE_ARCH, work_dir / f"probe-{PROBE_ARCH}-{dtype}.gguf", dtype=dtype)
-        reports.append({"dtype": dtype, **_probe_model(model_path)})
-    return {
-        "models": reports,
-        "system_info": llama_system_info(),
-        "seconds": round(time.monotonic() - started, 3),
-    }
-
-
-def _probe_model(model_path: Path) -> dict[str, Any]:
-    config = LlamaBackendConfig(n_slots=2, n_ctx_per_slot=256, n_batch=128, n_ubatch=128, use_extra_bufts=True)
-    backend = LlamaBackend(model_path, config, name=model_path.stem)
-    try:
-        prompts = [backend.tokenize(text, add_special=True, parse_special=False) for text in PROBE_PROMPTS]
-        batched, continuations = _probe_decode(backend, prompts, slots=(0, 1), continuations=None)
-        alone: list[list[npt.NDArray[np.float32]]] = []
-        for slot in (0, 1):
-            backend.apply([CacheOp("clear", slot=0), CacheOp("clear", slot=1)])
-            logits, _ = _probe_decode(backend, [prompts[slot]], slots=(slot,), continuations=[continuations[slot]])
-            alone.append(logits[0])
-    finally:
-        backend.close()
-    differences = [
-        float(np.max(np.abs(batched_step - alone_step)))
-        for slot in (0, 1)
-        for batched_step, alone_step in zip(batched[slot], alone[slot], strict=True)
-    ]
-    all_logits = [step for per_slot in batched + alone for step in per_slot]
-    return {
-        "max_abs_diff": max(differences),
-        "max_abs_logit": max(float(np.max(np.abs(step))) for step in all_logits),
-        "finite": all(bool(np.isfinite(step).all()) for step in all_logits),
-        "n_compared": len(differences),
-    }
-
-
-def _probe_decode(
-    backend: LlamaBackend,
-    prompts: Sequence[Sequence[int]],
-    *,
-    slots: Sequence[int],
-    continuations: Sequence[Sequence[int]] | None,
-) -> tuple[list[list[npt.NDArray[np.float32]]], list[list[int]]]:
-    """Prefill each prompt in its slot (one batch), then PROBE_STEPS one-token steps (one batch each).
-
-    The tokens fed in the steps are the argmax of the previous logits, or `continuations` when given,
-    so that a single-sequence rerun feeds exactly what the batched run fed.
-    """
-    logits: list[list[npt.NDArray[np.float32]]] = [[] for _ in slots]
-    fed: list[list[int]] = [[] for _ in slots]
-    entries = [BatchEntry(slot, tuple(prompt), 0, True) for slot, prompt in zip(slots, prompts, strict=True)]
-    for step in range(PROBE_STEPS + 1):
-        backend.decode(entries)
-        index = -1
-        next_entries = []
-        for position, entry in enumerate(entries):
-            index += len(entry.tokens)
-            logits[position].append(backend.logits(index))
-            if step == PROBE_STEPS:
-                continue
-            token = continuations[position][step] if continuations else int(np.argmax(logits[position][-1]))
-            fed[position].append(token)
-            next_entries.append(BatchEntry(entry.slot, (token,), entry.start_pos + len(entry.tokens), True))
-        entries = next_entries
-    return logits, fed
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.engine.llama_backend")
-    parser.add_argument(
-        "--probe-extra-bufts",
-        action="store_true",
-        help="decode tiny models with extra buffer types on and print a JSON report (run as a child)",
-    )
-    args = parser.parse_args(argv)
-    if not args.probe_extra_bufts:
-        print("nothing to do: pass --probe-extra-bufts", file=sys.stderr)
-        return 2
-    # A crash is an expected outcome of the probe; leave no core file behind.
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    with tempfile.TemporaryDirectory(prefix="qwen3-local-probe-") as work_dir:
-        try:
-            report = probe_extra_bufts(Path(work_dir))
-        except BackendError as exc:
-            print(f"probe failed: {exc}", file=sys.stderr)
-            return 1
-    print(json.dumps(report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

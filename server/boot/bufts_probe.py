@@ -4,9 +4,10 @@ A default llama-cpp-python build compiles llama.cpp's AMX code, which has an ope
 with AMX the first decode of a quantized model dies (SIGSEGV/SIGILL) and f16 weights give wrong logits
 for the second sequence of a batch. `use_extra_bufts=False` avoids it, at ~10% of speed elsewhere.
 
-`resolve_use_extra_bufts("auto", ...)` runs the probe in a child process (`python -m
-server.engine.llama_backend --probe-extra-bufts`), which decodes tiny models with extra buffer types on,
-two sequences in one batch and each alone, and prints the largest logit difference as JSON. A child that
+`resolve_use_extra_bufts("auto", ...)` writes tiny models (q4_0, q8_0, f16) and runs the probe in a child
+process (`python -m bindings.probe --model q4_0=PATH ...`), which decodes them with extra buffer types on
+and every layer on the CPU (`n_gpu_layers=0`: the CPU buffers the routed experts will use, even on a CUDA
+build), two sequences in one batch and each alone, and prints the largest logit difference as JSON. A child that
 dies by a signal, times out or reports mismatching logits means "off". The verdict is cached per machine
 and llama.cpp build in `cache_dir`, so only the first start on a machine pays for the probe.
 
@@ -44,7 +45,9 @@ PROBE_RELATIVE_TOLERANCE = 1e-2
 # Deaths that say the decode itself crashed. Others (SIGKILL by the OOM killer, SIGTERM) say nothing
 # about the kernels and are not cached.
 CRASH_SIGNALS: frozenset[int] = frozenset({signal.SIGSEGV, signal.SIGILL, signal.SIGBUS, signal.SIGFPE, signal.SIGABRT})
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: probed with every layer on the CPU (format 1 verdicts may have tested a GPU)
+PROBE_ARCH = "llama"
+PROBE_DTYPES: tuple[str, ...] = ("q4_0", "q8_0", "f16")  # AMX has kernels for the quantized ones; f16 too
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _LLAMA_LIBRARIES = ("libllama", "libggml", "libggml-base", "libggml-cpu")
 
@@ -61,7 +64,18 @@ def default_cache_dir() -> Path:
 
 
 def default_probe_command() -> tuple[str, ...]:
-    return (sys.executable, "-m", "server.engine.llama_backend", "--probe-extra-bufts")
+    return (sys.executable, "-m", "bindings.probe")
+
+
+def write_probe_models(work_dir: Path) -> list[str]:
+    """The tiny models the child decodes, as its `--model LABEL=PATH` arguments."""
+    from convert.synth import write_synthetic_model  # deferred: the gguf writer is only needed for a probe
+
+    arguments = []
+    for dtype in PROBE_DTYPES:
+        path = write_synthetic_model(PROBE_ARCH, work_dir / f"probe-{PROBE_ARCH}-{dtype}.gguf", dtype=dtype)
+        arguments += ["--model", f"{dtype}={path}"]
+    return arguments
 
 
 def resolve_use_extra_bufts(
@@ -73,8 +87,8 @@ def resolve_use_extra_bufts(
 ) -> ProbeVerdict:
     """Decide `use_extra_bufts` from the setting: "on"/"off" as told, "auto" by the (cached) probe.
 
-    probe_command: the child to run (default: this project's probe); its last stdout line must be the
-    JSON report that `python -m server.engine.llama_backend --probe-extra-bufts` prints.
+    probe_command: the child to run (default: this project's probe), given `--model LABEL=PATH` arguments;
+    its last stdout line must be the JSON report that `python -m bindings.probe` prints.
     """
     if setting not in SETTINGS:
         raise ValueError(f"use_extra_bufts must be one of {', '.join(SETTINGS)}, got {setting!r}")
@@ -89,7 +103,9 @@ def resolve_use_extra_bufts(
     if cached is not None:
         logger.info("extra buffer types %s (cached): %s", "on" if cached.use_extra_bufts else "off", cached.reason)
         return cached
-    verdict, cacheable, report = _run_probe(tuple(probe_command or default_probe_command()), timeout_s)
+    with tempfile.TemporaryDirectory(prefix="qwen3-local-probe-") as work_dir:
+        command = (*(probe_command or default_probe_command()), *write_probe_models(Path(work_dir)))
+        verdict, cacheable, report = _run_probe(command, timeout_s)
     if cacheable:
         _write_cached_verdict(cache_file, key, verdict, report)
     log = logger.info if verdict.use_extra_bufts else logger.warning
@@ -201,6 +217,9 @@ def judge_probe_report(models: Sequence[Mapping[str, Any]], elapsed_s: float) ->
     worst_diff = 0.0
     for model in models:
         dtype = model.get("dtype", "?")
+        off_cpu = [name for name in model.get("weight_buffers", ()) if not _is_cpu_buffer(str(name))]
+        if off_cpu:
+            return _off(f"{dtype}: the probe's weights landed in {', '.join(off_cpu)}, not in CPU buffers")
         diff = float(model.get("max_abs_diff", math.inf))
         tolerance = PROBE_RELATIVE_TOLERANCE * max(1.0, float(model.get("max_abs_logit", 1.0)))
         if not model.get("finite", False) or not math.isfinite(diff):
@@ -218,6 +237,11 @@ def judge_probe_report(models: Sequence[Mapping[str, Any]], elapsed_s: float) ->
         f"(max |Δlogit| {worst_diff:.3g})",
         from_cache=False,
     )
+
+
+def _is_cpu_buffer(name: str) -> bool:
+    """llama.cpp's host weight buffers: CPU, CPU_Mapped, CPU_REPACK, AMX (GPU ones: CUDA0, CUDA_Host...)."""
+    return name.upper().startswith(("CPU", "AMX"))
 
 
 def _off(reason: str) -> ProbeVerdict:

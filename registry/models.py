@@ -11,11 +11,20 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-# The checkout's models.yaml; an installed (non-editable) copy, e.g. in Dockerfile.cuda, names its file in
-# QWEN3_LOCAL_MODELS_FILE, the variable the server's settings read too.
-DEFAULT_REGISTRY_PATH = Path(
-    os.environ.get("QWEN3_LOCAL_MODELS_FILE") or Path(__file__).resolve().parent.parent / "models.yaml"
-)
+from registry.hub_cache import find_cached_gguf
+
+
+def _default_registry_path() -> Path:
+    """QWEN3_LOCAL_MODELS_FILE if set (the server's settings read it too); else the models.yaml that the
+    wheel carries inside this package; else the checkout's top-level models.yaml (an editable install)."""
+    override = os.environ.get("QWEN3_LOCAL_MODELS_FILE")
+    if override:
+        return Path(override)
+    packaged = Path(__file__).resolve().parent / "models.yaml"
+    return packaged if packaged.is_file() else Path(__file__).resolve().parent.parent / "models.yaml"
+
+
+DEFAULT_REGISTRY_PATH = _default_registry_path()
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -173,8 +182,6 @@ def resolve_model(name_or_path: str, registry: Registry | None = None) -> Resolv
 
 def _hub_cached_file(entry: ModelEntry) -> Path:
     """The first shard of the default quantization if it is already in the Hugging Face cache."""
-    from convert.pull import find_cached_gguf  # deferred: huggingface_hub is slow to import
-
     assert entry.hub is not None
     path = find_cached_gguf(entry.hub.repo, entry.hub.quants[entry.hub.default_quant], entry.hub.revision)
     if path is None:

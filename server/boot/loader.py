@@ -14,17 +14,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bindings.llama_backend import LlamaBackend, LlamaBackendConfig, supports_gpu_offload
+from bindings.protocol import BackendError
 from convert.pull import ensure_model
-from convert.registry import ResolvedModel, load_registry
 from offload.gguf_shape import read_model_shape
 from offload.hardware import GIB, detect
 from offload.placement import placement_for
 from offload.planner import Plan, PlanRequest, plan, replan_with_margin
 from offload.table import render_table
 from offload.verify import BufferCheck, check, expected_buffers
-from server.engine.bufts_probe import ProbeVerdict, resolve_use_extra_bufts
+from registry.models import ResolvedModel, load_registry
+from server.boot.bufts_probe import ProbeVerdict, resolve_use_extra_bufts
 from server.engine.engine import Engine, EngineConfig
-from server.engine.llama_backend import BackendError, LlamaBackend, LlamaBackendConfig, supports_gpu_offload
 from server.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Boot: from settings to running engines (download, probe, offload plan, backend)."""
