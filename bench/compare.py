@@ -1,13 +1,24 @@
 """Side-by-side load benchmark: our server against llama.cpp's C++ llama-server, with llama-cpp-python's
-own server as the lower anchor. Same model, threads, slots and context; same requests.
+own server as the lower anchor and llama.cpp's `llama-batched-bench` as the ceiling. Same model, threads,
+slots and context; same requests.
 
-    python -m bench.compare                          # SmolLM2, 2 threads, 16 slots, levels 1,4,16
+    python -m bench.compare                          # SmolLM2, 2 threads, 16 slots, levels 1,4,16, 5 rounds
     python -m bench.compare --servers llama-server,llama-cpp-python --concurrency 1,4 --max-tokens 16
 
-All servers are started first (each on a free loopback port), then every concurrency level runs against
-each server in turn, the order reversed at every level, so a change in machine load hits all of them
-alike. llama-server is built once from the pinned llama-cpp-python sdist (see bench.llama_server).
-The "ours" command line is a template (--ours-command) so it follows the server's CLI as it evolves.
+All servers are started first (each on a free loopback port), then `--rounds` rounds run: in each round
+every concurrency level runs against each server in turn, the order reversed at every level and every
+round, so a change in machine load hits all of them alike. Each figure is the median over the rounds
+with its min–max spread; ratios are medians of per-round ratios (both sides measured minutes apart).
+
+The yardstick uses the same weight layout as ours: llama-server and llama-batched-bench run with their
+defaults (weights repacked) unless our server's extra-buffer-types probe turned repacking off, which its
+log says (`--yardstick-repack` overrides). Both are built once from the pinned llama-cpp-python sdist for
+exactly this CPU's instruction set (see bench.llama_server). The ceiling is llama-batched-bench, run right
+after the servers at each level: `concurrency` sequences, each prefilling as many prompt tokens as our
+server computed per request at that level in that round (its usage: prompt minus cached tokens; both
+servers reuse cached prompt prefixes), then `--max-tokens` decode steps together; no HTTP, no client.
+Its figure is output tokens / (prefill + decode time); "ceil decode" is the decode steps alone. The "ours"
+command line is a template (--ours-command) so it follows the server's CLI as it evolves.
 """
 
 from __future__ import annotations
@@ -15,24 +26,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
+import re
 import shlex
 import socket
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 from bench.llama_server import (
     LlamaServerError,
     LlamaServerSettings,
+    batched_bench_binary,
     ensure_llama_server,
     llama_server_spec,
+    this_cpu_build_options,
     this_cpu_has_amx,
 )
 from bench.load import (
@@ -55,17 +73,24 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 LLAMA_SERVER = "llama-server"
 OURS = "ours"
 LLAMA_CPP_PYTHON = "llama-cpp-python"
+CEILING = "llama-batched-bench"
 KNOWN_SERVERS = (LLAMA_SERVER, OURS, LLAMA_CPP_PYTHON)
 DEFAULT_OURS_COMMAND = (
     "{python} -m server --model {model} --host {host} --port {port} --parallel {parallel} "
     "--threads {threads} --ctx-size {ctx_per_slot}"
 )
 HOST = "127.0.0.1"
+DEFAULT_ROUNDS = 5
 IDLE_CPU_SAMPLE_S = 1.0
 # An idle server burning more than this much CPU would slow down whichever server is being measured.
 IDLE_CPU_WARN_PERCENT = 5.0
 # A 1-minute load average above this fraction of the CPU count means someone else is computing.
 BUSY_LOAD_FRACTION = 0.5
+REPACK_CHOICES = ("auto", "on", "off")
+# What our server logs once it has decided (server.boot.loader): "extra buffer types: on (probe passed ...)".
+_OURS_BUFTS_LOG = re.compile(r"extra buffer types:? (on|off)\b")
+OURS_VERDICT_WAIT_S = 5.0
+CEILING_TIMEOUT_S = 600.0
 
 
 class CompareError(RuntimeError):
@@ -87,20 +112,70 @@ class CompareSettings:
     ours_command: str
     ours_health_path: str
     anchor_ban_eos: bool
+    rounds: int = DEFAULT_ROUNDS
+    # "auto": the yardstick repacks weights exactly when our server does; "on"/"off" force it.
+    yardstick_repack: str = "auto"
+    ceiling: bool = True
+    # Prompt length given to llama-batched-bench; None: the servers' mean chat prompt, asked of llama-server.
+    ceiling_prompt_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median of a figure over the rounds, with the lowest and highest value seen."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+
+    @staticmethod
+    def of(values: Sequence[float | None]) -> Spread | None:
+        seen = [value for value in values if value is not None]
+        if not seen:
+            return None
+        return Spread(median=statistics.median(seen), low=min(seen), high=max(seen), n=len(seen))
+
+
+@dataclass(frozen=True)
+class CeilingRun:
+    """One llama-batched-bench measurement: `sequences` prompts of prompt_tokens, then output_tokens each."""
+
+    sequences: int
+    prompt_tokens: int
+    output_tokens: int
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        """Comparable with a server's aggregate output rate: prefill time counts too."""
+        total_s = self.prefill_s + self.decode_s
+        return self.sequences * self.output_tokens / total_s if total_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.sequences * self.output_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
 @dataclass(frozen=True)
 class LevelRatio:
-    """How our server compares at one concurrency level (None where a side is missing or zero)."""
+    """How our server compares at one concurrency level over the rounds (None where a side is missing)."""
 
     concurrency: int
-    ours_tok_s: float | None
-    llama_server_tok_s: float | None
-    llama_cpp_python_tok_s: float | None
-    ours_vs_llama_server: float | None
-    ours_vs_llama_cpp_python: float | None
-    ours_ttft_p50_ms: float | None
-    llama_server_ttft_p50_ms: float | None
+    ours_tok_s: Spread | None
+    llama_server_tok_s: Spread | None
+    llama_cpp_python_tok_s: Spread | None
+    ceiling_tok_s: Spread | None
+    ceiling_decode_tok_s: Spread | None
+    ceiling_prompt_tokens: Spread | None  # the prefill per sequence the ceiling was given
+    # Ratios of the same round's figures, so slow drift of the machine cancels out.
+    ours_vs_llama_server: Spread | None
+    ours_vs_llama_cpp_python: Spread | None
+    ours_vs_ceiling: Spread | None
+    llama_server_vs_ceiling: Spread | None
+    ours_ttft_p50_ms: Spread | None
+    llama_server_ttft_p50_ms: Spread | None
 
 
 def free_port(host: str = HOST) -> int:
@@ -182,6 +257,20 @@ def level_order(servers: Sequence[str], level_index: int) -> tuple[str, ...]:
     return tuple(servers) if level_index % 2 == 0 else tuple(reversed(servers))
 
 
+def round_schedule(servers: Sequence[str], n_levels: int, n_rounds: int) -> list[tuple[int, int, str]]:
+    """(round, level index, server) in running order: the order flips at every step, levels and rounds alike,
+    so that over the rounds each server runs first as often as last at every level."""
+    schedule = []
+    step = 0
+    for round_index in range(n_rounds):
+        for level_index in range(n_levels):
+            schedule += [(round_index, level_index, name) for name in level_order(servers, step)]
+            step += 1
+        if n_levels % 2 == 0:
+            step += 1  # otherwise a round with an even number of levels would repeat the last one's order
+    return schedule
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator <= 0:
         return None
@@ -194,46 +283,93 @@ def _level(report: LoadReport | None, concurrency: int) -> LevelSummary | None:
     return next((level for level in report.levels if level.concurrency == concurrency), None)
 
 
-def compute_ratios(reports: dict[str, LoadReport], levels: Sequence[int]) -> tuple[LevelRatio, ...]:
-    ratios = []
+def _rate(report: LoadReport | None, concurrency: int) -> float | None:
+    level = _level(report, concurrency)
+    return level.output_tokens_per_s if level is not None and level.n_ok else None
+
+
+def _ttft(report: LoadReport | None, concurrency: int) -> float | None:
+    level = _level(report, concurrency)
+    return level.ttft_p50_ms if level is not None else None
+
+
+def _ceiling_run(runs: Sequence[CeilingRun], concurrency: int) -> CeilingRun | None:
+    return next((run for run in runs if run.sequences == concurrency), None)
+
+
+def compute_ratios(
+    rounds: Mapping[str, Sequence[LoadReport]],
+    levels: Sequence[int],
+    ceiling_rounds: Sequence[Sequence[CeilingRun]] = (),
+) -> tuple[LevelRatio, ...]:
+    """Per level: each server's median rate and spread over the rounds, and per-round ratios' spread.
+
+    rounds: per server, one report per round (round i of every server ran within minutes of each other);
+    ceiling_rounds: the llama-batched-bench runs of each round.
+    """
+    n_rounds = max([len(reports) for reports in rounds.values()] + [len(ceiling_rounds)], default=0)
+
+    def per_round(name: str, pick: Callable[[LoadReport | None, int], float | None], level: int) -> list[float | None]:
+        reports = rounds.get(name, ())
+        return [pick(reports[i] if i < len(reports) else None, level) for i in range(n_rounds)]
+
+    rows = []
     for concurrency in levels:
-        ours = _level(reports.get(OURS), concurrency)
-        reference = _level(reports.get(LLAMA_SERVER), concurrency)
-        anchor = _level(reports.get(LLAMA_CPP_PYTHON), concurrency)
-        ours_tok_s = ours.output_tokens_per_s if ours else None
-        reference_tok_s = reference.output_tokens_per_s if reference else None
-        anchor_tok_s = anchor.output_tokens_per_s if anchor else None
-        ratios.append(
+        ours = per_round(OURS, _rate, concurrency)
+        reference = per_round(LLAMA_SERVER, _rate, concurrency)
+        anchor = per_round(LLAMA_CPP_PYTHON, _rate, concurrency)
+        ceiling_runs = [
+            _ceiling_run(ceiling_rounds[i], concurrency) if i < len(ceiling_rounds) else None for i in range(n_rounds)
+        ]
+        ceiling = [run.output_tokens_per_s if run is not None else None for run in ceiling_runs]
+        rows.append(
             LevelRatio(
                 concurrency=concurrency,
-                ours_tok_s=ours_tok_s,
-                llama_server_tok_s=reference_tok_s,
-                llama_cpp_python_tok_s=anchor_tok_s,
-                ours_vs_llama_server=ratio(ours_tok_s, reference_tok_s),
-                ours_vs_llama_cpp_python=ratio(ours_tok_s, anchor_tok_s),
-                ours_ttft_p50_ms=ours.ttft_p50_ms if ours else None,
-                llama_server_ttft_p50_ms=reference.ttft_p50_ms if reference else None,
+                ours_tok_s=Spread.of(ours),
+                llama_server_tok_s=Spread.of(reference),
+                llama_cpp_python_tok_s=Spread.of(anchor),
+                ceiling_tok_s=Spread.of(ceiling),
+                ceiling_decode_tok_s=Spread.of([run.decode_tokens_per_s if run else None for run in ceiling_runs]),
+                ceiling_prompt_tokens=Spread.of([run.prompt_tokens if run else None for run in ceiling_runs]),
+                ours_vs_llama_server=Spread.of([ratio(a, b) for a, b in zip(ours, reference, strict=True)]),
+                ours_vs_llama_cpp_python=Spread.of([ratio(a, b) for a, b in zip(ours, anchor, strict=True)]),
+                ours_vs_ceiling=Spread.of([ratio(a, b) for a, b in zip(ours, ceiling, strict=True)]),
+                llama_server_vs_ceiling=Spread.of([ratio(a, b) for a, b in zip(reference, ceiling, strict=True)]),
+                ours_ttft_p50_ms=Spread.of(per_round(OURS, _ttft, concurrency)),
+                llama_server_ttft_p50_ms=Spread.of(per_round(LLAMA_SERVER, _ttft, concurrency)),
             )
         )
-    return tuple(ratios)
+    return tuple(rows)
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def _fmt(value: Spread | None, spec: str, spread: bool = True) -> str:
+    if value is None:
+        return "-"
+    median = format(value.median, spec)
+    if not spread or value.n < 2:
+        return median
+    return f"{median} ({format(value.low, spec)}–{format(value.high, spec)})"
 
 
 def format_ratios(ratios: Sequence[LevelRatio]) -> str:
-    lines = [
-        f"{'conc':>4} {'ours tok/s':>10} {'llama-server':>12} {'llama-cpp-py':>12} "
-        f"{'ours/l-s':>8} {'ours/l-c-p':>10} {'TTFT p50 ours':>13} {'l-s':>8}"
-    ]
-    for row in ratios:
-        lines.append(
-            f"{row.concurrency:>4} {_fmt(row.ours_tok_s, '.1f'):>10} {_fmt(row.llama_server_tok_s, '.1f'):>12} "
-            f"{_fmt(row.llama_cpp_python_tok_s, '.1f'):>12} {_fmt(row.ours_vs_llama_server, '.2f'):>8} "
-            f"{_fmt(row.ours_vs_llama_cpp_python, '.2f'):>10} {_fmt(row.ours_ttft_p50_ms, '.0f'):>11}ms "
-            f"{_fmt(row.llama_server_ttft_p50_ms, '.0f'):>6}ms"
-        )
+    """Medians over the rounds with (min–max); ratios are medians of same-round ratios."""
+    columns: tuple[tuple[str, int, Callable[[LevelRatio], str]], ...] = (
+        ("conc", 4, lambda row: str(row.concurrency)),
+        ("ours tok/s", 22, lambda row: _fmt(row.ours_tok_s, ".1f")),
+        ("llama-server", 22, lambda row: _fmt(row.llama_server_tok_s, ".1f")),
+        ("llama-cpp-py", 20, lambda row: _fmt(row.llama_cpp_python_tok_s, ".1f")),
+        ("ceiling", 22, lambda row: _fmt(row.ceiling_tok_s, ".1f")),
+        ("ceil pp", 7, lambda row: _fmt(row.ceiling_prompt_tokens, ".0f", spread=False)),
+        ("ceil decode", 11, lambda row: _fmt(row.ceiling_decode_tok_s, ".1f", spread=False)),
+        ("ours/l-s", 18, lambda row: _fmt(row.ours_vs_llama_server, ".2f")),
+        ("ours/ceil", 18, lambda row: _fmt(row.ours_vs_ceiling, ".2f")),
+        ("l-s/ceil", 18, lambda row: _fmt(row.llama_server_vs_ceiling, ".2f")),
+        ("ours/l-c-p", 10, lambda row: _fmt(row.ours_vs_llama_cpp_python, ".2f", spread=False)),
+        ("TTFT p50 ours/l-s ms", 20, lambda row: f"{_fmt(row.ours_ttft_p50_ms, '.0f', spread=False)} / "
+         f"{_fmt(row.llama_server_ttft_p50_ms, '.0f', spread=False)}"),
+    )  # fmt: skip
+    lines = [" ".join(f"{title:>{width}}" for title, width, _ in columns)]
+    lines += [" ".join(f"{cell(row):>{width}}" for _, width, cell in columns) for row in ratios]
     return "\n".join(lines)
 
 
@@ -248,6 +384,7 @@ def machine_description() -> dict[str, Any]:
         "cpu": cpu_model,
         "n_cpus": os.cpu_count(),
         "amx": this_cpu_has_amx(),
+        "llama_cpp_build_options": list(this_cpu_build_options()),
         "load_average_at_start": list(os.getloadavg()),
     }
 
@@ -277,7 +414,42 @@ def idle_cpu_percent(process_id: int, sample_s: float = IDLE_CPU_SAMPLE_S) -> fl
     return 100.0 * used / sample_s
 
 
-def server_spec(name: str, settings: CompareSettings, llama_server_binary: Path | None) -> ServerSpec:
+def ours_repacks(log_text: str) -> bool | None:
+    """Our server's extra-buffer-types verdict (repacked weights or not) from its log; None if not logged."""
+    found = _OURS_BUFTS_LOG.findall(log_text)
+    return None if not found else found[-1] == "on"
+
+
+def yardstick_no_repack(setting: str, ours_verdict: bool | None) -> bool:
+    """Whether llama-server and llama-batched-bench get --no-repack: the same weight layout as ours.
+
+    "auto" follows our server's verdict; when it is unknown (ours not run) they keep llama.cpp's default
+    (repacked), except on an AMX CPU, where llama.cpp's repacked path is the broken one.
+    """
+    if setting not in REPACK_CHOICES:
+        raise CompareError(f"--yardstick-repack takes one of {', '.join(REPACK_CHOICES)}, got {setting!r}")
+    if setting != "auto":
+        return setting == "off"
+    if ours_verdict is not None:
+        return not ours_verdict
+    return this_cpu_has_amx()
+
+
+def wait_for_ours_verdict(log_path: Path, timeout_s: float = OURS_VERDICT_WAIT_S) -> bool | None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(OSError):
+            verdict = ours_repacks(log_path.read_text(errors="replace"))
+            if verdict is not None:
+                return verdict
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+
+
+def server_spec(
+    name: str, settings: CompareSettings, llama_server_binary: Path | None, no_repack: bool = False
+) -> ServerSpec:
     port = free_port()
     if name == OURS:
         return ours_spec(settings, port)
@@ -293,11 +465,106 @@ def server_spec(name: str, settings: CompareSettings, llama_server_binary: Path 
             parallel=settings.parallel,
             ctx_size=settings.ctx_per_slot * settings.parallel,
             host=HOST,
-            # The yardstick always runs --no-repack: safe where AMX is broken, and the same CPU buffer types on
-            # every machine (SmolLM2's Q4_1 weights have no repacked kernels, so its speed is unaffected).
-            no_repack=True,
+            no_repack=no_repack,
         )
     )
+
+
+def ceiling_levels(settings: CompareSettings) -> tuple[int, ...]:
+    """The concurrency levels llama-batched-bench can reproduce: at most one sequence per slot."""
+    return tuple(level for level in settings.concurrency_levels if level <= settings.parallel)
+
+
+def batched_bench_command(
+    binary: Path, settings: CompareSettings, sequences: int, prompt_tokens: int, no_repack: bool
+) -> list[str]:
+    """llama-batched-bench with the servers' model and threads: `sequences` prompts of prompt_tokens, then
+    max_tokens decode steps of all of them together.
+
+    Its context is split over the sequences (no unified KV, as in both servers), so each gets ctx_per_slot,
+    as a slot does.
+    """
+    command = [
+        str(binary),
+        "--model", str(settings.model_path),
+        "--threads", str(settings.threads),
+        "--threads-batch", str(settings.threads),
+        "--ctx-size", str(settings.ctx_per_slot * sequences),
+        "-npp", str(prompt_tokens),
+        "-ntg", str(settings.max_tokens),
+        "-npl", str(sequences),
+        "--output-format", "jsonl",
+    ]  # fmt: skip
+    if no_repack:
+        command.append("--no-repack")
+    return command
+
+
+def parse_batched_bench_output(text: str) -> tuple[CeilingRun, ...]:
+    """The measurements in llama-batched-bench's `--output-format jsonl` output (other lines ignored)."""
+    runs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            row = json.loads(line)
+            runs.append(
+                CeilingRun(
+                    sequences=int(row["pl"]),
+                    prompt_tokens=int(row["pp"]),
+                    output_tokens=int(row["tg"]),
+                    prefill_s=float(row["t_pp"]),
+                    decode_s=float(row["t_tg"]),
+                )
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+    return tuple(runs)
+
+
+def ceiling_prompt_tokens(
+    level_reports: Mapping[str, LevelSummary | None], full_prompt_tokens: int | None, override: int | None
+) -> int | None:
+    """The prompt length the ceiling prefills at one level: as many tokens as our server computed per request
+    in the same round (what its prompt cache did not hold), else llama-server's, else the whole prompt."""
+    if override is not None:
+        return override
+    for name in (OURS, LLAMA_SERVER):
+        level = level_reports.get(name)
+        if level is not None and level.mean_computed_prompt_tokens is not None:
+            return max(1, round(level.mean_computed_prompt_tokens))
+    return full_prompt_tokens
+
+
+def run_ceiling(command: Sequence[str], expected_levels: Sequence[int]) -> tuple[CeilingRun, ...]:
+    completed = subprocess.run(list(command), capture_output=True, text=True, check=False, timeout=CEILING_TIMEOUT_S)
+    runs = parse_batched_bench_output(completed.stdout + "\n" + completed.stderr)
+    missing = sorted(set(expected_levels) - {run.sequences for run in runs})
+    if completed.returncode != 0 or missing:
+        tail = (completed.stderr or completed.stdout)[-1500:]
+        raise CompareError(
+            f"llama-batched-bench exited with {completed.returncode}, no result for {missing}; output tail:\n{tail}"
+        )
+    return runs
+
+
+async def chat_prompt_tokens(llama_server_base_url: str, prompts: Sequence[str]) -> int:
+    """The servers' mean prompt length in tokens: llama-server's own chat template and tokenizer."""
+    root = llama_server_base_url.removesuffix("/v1")
+    lengths = []
+    async with httpx.AsyncClient(timeout=30.0, trust_env=False) as client:
+        for prompt in prompts:
+            rendered = await client.post(
+                f"{root}/apply-template", json={"messages": [{"role": "user", "content": prompt}]}
+            )
+            rendered.raise_for_status()
+            tokens = await client.post(
+                f"{root}/tokenize", json={"content": rendered.json()["prompt"], "add_special": True}
+            )
+            tokens.raise_for_status()
+            lengths.append(len(tokens.json()["tokens"]))
+    return round(statistics.mean(lengths))
 
 
 def merge_level_reports(label: str, parts: Sequence[LoadReport]) -> LoadReport:
@@ -313,53 +580,138 @@ def merge_level_reports(label: str, parts: Sequence[LoadReport]) -> LoadReport:
     return LoadReport(label=label, settings=settings, levels=levels)
 
 
-async def _run_alternating(
-    running: dict[str, RunningServer], settings: CompareSettings, prompts: tuple[str, ...], show_progress: bool
-) -> dict[str, LoadReport]:
+def median_report(label: str, rounds: Sequence[LoadReport]) -> LoadReport:
+    """One report whose every level is the round with that level's median output rate (lower median for
+    an even count): a real measurement, so its TTFT and ITL belong to the throughput shown."""
+    levels = []
+    for concurrency in (level.concurrency for level in rounds[0].levels):
+        seen = sorted(
+            (level for report in rounds for level in report.levels if level.concurrency == concurrency),
+            key=lambda level: level.output_tokens_per_s,
+        )
+        levels.append(seen[(len(seen) - 1) // 2])
+    return replace(rounds[0], label=label, levels=tuple(levels))
+
+
+@dataclass
+class CompareResult:
+    # Per server, one report per round.
+    rounds: dict[str, list[LoadReport]]
+    # Per round, llama-batched-bench's runs (empty without a ceiling).
+    ceiling_rounds: list[tuple[CeilingRun, ...]]
+    idle: dict[str, float]
+    yardstick_no_repack: bool
+    ours_repacks: bool | None
+    # One llama-batched-bench command line per ceiling run, in order.
+    ceiling_commands: list[list[str]]
+
+
+@dataclass(frozen=True)
+class CeilingPlan:
+    """How to run the ceiling: the binary, the weight layout, and the whole chat prompt's length (the
+    prefill when neither server reports its prompt cache); override: --ceiling-prompt-tokens."""
+
+    binary: Path
+    no_repack: bool
+    full_prompt_tokens: int | None
+    override: int | None
+
+
+async def _run_rounds(
+    running: dict[str, RunningServer],
+    settings: CompareSettings,
+    prompts: tuple[str, ...],
+    show_progress: bool,
+    ceiling: CeilingPlan | None,
+) -> tuple[dict[str, list[LoadReport]], list[tuple[CeilingRun, ...]], list[list[str]]]:
     models = {name: await discover_model(server.spec.base_url) for name, server in running.items()}
     banned = eos_token_id(settings.model_path) if settings.anchor_ban_eos else None
-    parts: dict[str, list[LoadReport]] = {name: [] for name in running}
-    for level_index, (concurrency, n_requests) in enumerate(
-        zip(settings.concurrency_levels, settings.requests_per_level, strict=True)
-    ):
-        for name in level_order(tuple(running), level_index):
-            plan = LoadPlan(
-                base_url=running[name].spec.base_url,
-                model=models[name],
-                prompts=prompts,
-                max_tokens=settings.max_tokens,
-                concurrency_levels=(concurrency,),
-                requests_per_level=(n_requests,),
-                banned_token_ids=(banned,) if name == LLAMA_CPP_PYTHON and banned is not None else (),
-            )
-            parts[name].append(await run_load(plan, name, show_progress=show_progress))
-    return {name: merge_level_reports(name, reports) for name, reports in parts.items()}
+    parts: dict[str, list[list[LoadReport]]] = {name: [[] for _ in range(settings.rounds)] for name in running}
+    ceiling_rounds: list[list[CeilingRun]] = [[] for _ in range(settings.rounds)]
+    ceiling_commands: list[list[str]] = []
+    levels = tuple(zip(settings.concurrency_levels, settings.requests_per_level, strict=True))
+    schedule = round_schedule(tuple(running), len(levels), settings.rounds)
+    for step, (round_index, level_index, name) in enumerate(schedule):
+        concurrency, n_requests = levels[level_index]
+        plan = LoadPlan(
+            base_url=running[name].spec.base_url,
+            model=models[name],
+            prompts=prompts,
+            max_tokens=settings.max_tokens,
+            concurrency_levels=(concurrency,),
+            requests_per_level=(n_requests,),
+            banned_token_ids=(banned,) if name == LLAMA_CPP_PYTHON and banned is not None else (),
+        )
+        label = f"{name} r{round_index + 1}" if settings.rounds > 1 else name
+        parts[name][round_index].append(await run_load(plan, label, show_progress=show_progress))
+        level_done = step + 1 == len(schedule) or schedule[step + 1][:2] != (round_index, level_index)
+        if ceiling is not None and level_done and concurrency <= settings.parallel:
+            # Right after the servers at this level, with the prefill our server did in this round.
+            this_level = {member: part[round_index][-1].levels[0] for member, part in parts.items()}
+            prompt_tokens = ceiling_prompt_tokens(this_level, ceiling.full_prompt_tokens, ceiling.override)
+            if prompt_tokens is not None:
+                command = batched_bench_command(ceiling.binary, settings, concurrency, prompt_tokens, ceiling.no_repack)
+                ceiling_commands.append(command)
+                ceiling_rounds[round_index] += run_ceiling(command, (concurrency,))
+    rounds = {name: [merge_level_reports(name, part) for part in per_round] for name, per_round in parts.items()}
+    return rounds, [tuple(runs) for runs in ceiling_rounds], ceiling_commands
 
 
 def run_compare(
     settings: CompareSettings, prompts: tuple[str, ...], source_dir: Path | None, log_dir: Path, show_progress: bool
-) -> tuple[dict[str, LoadReport], dict[str, float]]:
-    """Start every server, run the alternating benchmark, stop them; returns reports and idle CPU use."""
-    binary = ensure_llama_server(source_dir) if LLAMA_SERVER in settings.servers else None
+) -> CompareResult:
+    """Start every server, run the alternating rounds (and the ceiling), stop them."""
+    need_build = LLAMA_SERVER in settings.servers or settings.ceiling
+    binary = ensure_llama_server(source_dir) if need_build else None
+    # Ours first: its log tells the yardstick which weight layout to use.
+    start_order = sorted(settings.servers, key=lambda name: name != OURS)
     with contextlib.ExitStack() as stack:
         running: dict[str, RunningServer] = {}
-        for name in settings.servers:
-            spec = server_spec(name, settings, binary)
+        verdict: bool | None = None
+        no_repack = yardstick_no_repack(settings.yardstick_repack, None)
+        for name in start_order:
+            spec = server_spec(name, settings, binary, no_repack=no_repack)
             print(f"starting {name} (log in {log_dir}): {shlex.join(spec.command)}", flush=True)
             running[name] = stack.enter_context(run_server(spec, log_dir=log_dir))
+            if name == OURS:
+                verdict = wait_for_ours_verdict(running[name].log_path)
+                no_repack = yardstick_no_repack(settings.yardstick_repack, verdict)
+                said = "not logged" if verdict is None else "repacked" if verdict else "not repacked"
+                print(f"our weights: {said}; yardstick runs {'--no-repack' if no_repack else 'repacked'}", flush=True)
+        running = {name: running[name] for name in settings.servers}  # back to the requested order
+        ceiling = None
+        if settings.ceiling and ceiling_levels(settings):
+            assert binary is not None
+            full_prompt = None
+            if LLAMA_SERVER in running:
+                full_prompt = asyncio.run(chat_prompt_tokens(running[LLAMA_SERVER].spec.base_url, prompts))
+            ceiling = CeilingPlan(batched_bench_binary(binary), no_repack, full_prompt, settings.ceiling_prompt_tokens)
+            print(f"ceiling: {ceiling.binary} (whole chat prompt: {full_prompt} tokens)", flush=True)
         idle = {name: idle_cpu_percent(server.process.pid) for name, server in running.items()}
         for name, percent in idle.items():
             if percent > IDLE_CPU_WARN_PERCENT:
                 print(f"warning: idle {name} uses {percent:.0f}% CPU, which slows the others down", flush=True)
-        reports = asyncio.run(_run_alternating(running, settings, prompts, show_progress))
-    return reports, idle
+        rounds, ceiling_rounds, ceiling_commands = asyncio.run(
+            _run_rounds(running, settings, prompts, show_progress, ceiling)
+        )
+    return CompareResult(
+        rounds=rounds,
+        ceiling_rounds=ceiling_rounds,
+        idle=idle,
+        yardstick_no_repack=no_repack,
+        ours_repacks=verdict,
+        ceiling_commands=ceiling_commands,
+    )
+
+
+def _spread_json(value: Spread | None) -> dict[str, float] | None:
+    return None if value is None else asdict(value)
 
 
 def compare_to_json(
     settings: CompareSettings,
-    reports: dict[str, LoadReport],
+    result: CompareResult,
     ratios: Sequence[LevelRatio],
-    idle: dict[str, float],
     machine: dict[str, Any],
 ) -> dict[str, Any]:
     return {
@@ -377,10 +729,34 @@ def compare_to_json(
             "servers": list(settings.servers),
             "ours_command": settings.ours_command,
             "anchor_ban_eos": settings.anchor_ban_eos,
+            "rounds": settings.rounds,
+            "yardstick_repack": settings.yardstick_repack,
+            "yardstick_no_repack": result.yardstick_no_repack,
+            "ours_repacks": result.ours_repacks,
+            "ceiling_commands": result.ceiling_commands,
         },
-        "idle_cpu_percent": idle,
-        "reports": {name: report_to_json(report) for name, report in reports.items()},
-        "ratios": [vars(row) for row in ratios],
+        "idle_cpu_percent": result.idle,
+        # Per server: every level at its median round (the figures the plot shows).
+        "reports": {name: report_to_json(median_report(name, rounds)) for name, rounds in result.rounds.items()},
+        "rounds": {name: [report_to_json(report) for report in rounds] for name, rounds in result.rounds.items()},
+        "ceiling_rounds": [
+            [
+                {
+                    **asdict(run),
+                    "output_tokens_per_s": run.output_tokens_per_s,
+                    "decode_tokens_per_s": run.decode_tokens_per_s,
+                }
+                for run in runs
+            ]
+            for runs in result.ceiling_rounds
+        ],
+        "ratios": [
+            {
+                key: _spread_json(value) if isinstance(value, Spread) or value is None else value
+                for key, value in vars(row).items()
+            }
+            for row in ratios
+        ],
     }
 
 
@@ -395,7 +771,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests-per-level", type=int, help="default: 4 × concurrency")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="alternating rounds (median, min–max)")
     parser.add_argument("--servers", default=",".join(KNOWN_SERVERS), help="subset and order of servers")
+    parser.add_argument(
+        "--yardstick-repack",
+        choices=REPACK_CHOICES,
+        default="auto",
+        help="weight repacking of llama-server and llama-batched-bench; auto: as our server's probe decided",
+    )
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the llama-batched-bench ceiling")
+    parser.add_argument(
+        "--ceiling-prompt-tokens", type=int, help="prompt length for the ceiling (default: llama-server's count)"
+    )
     parser.add_argument(
         "--ours-command",
         default=DEFAULT_OURS_COMMAND,
@@ -421,10 +808,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def settings_from_args(args: argparse.Namespace) -> CompareSettings:
-    from convert.registry import RegistryError, resolve_model
+    from registry.models import RegistryError, resolve_model
 
-    if min(args.threads, args.parallel, args.ctx_per_slot, args.max_tokens) < 1:
-        raise CompareError("--threads, --parallel, --ctx-per-slot and --max-tokens must be >= 1")
+    if min(args.threads, args.parallel, args.ctx_per_slot, args.max_tokens, args.rounds) < 1:
+        raise CompareError("--threads, --parallel, --ctx-per-slot, --max-tokens and --rounds must be >= 1")
+    if args.ceiling_prompt_tokens is not None and args.ceiling_prompt_tokens < 1:
+        raise CompareError("--ceiling-prompt-tokens must be >= 1")
     try:
         model_path = resolve_model(args.model).path
     except RegistryError as exc:
@@ -443,7 +832,16 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
         ours_command=args.ours_command,
         ours_health_path=args.ours_health_path,
         anchor_ban_eos=not args.no_anchor_ban_eos,
+        rounds=args.rounds,
+        yardstick_repack=args.yardstick_repack,
+        ceiling=not args.no_ceiling,
+        ceiling_prompt_tokens=args.ceiling_prompt_tokens,
     )
+
+
+def ceiling_lines(ratios: Sequence[LevelRatio]) -> list[tuple[str, list[tuple[int, float]]]]:
+    points = [(row.concurrency, row.ceiling_tok_s.median) for row in ratios if row.ceiling_tok_s is not None]
+    return [(f"{CEILING} (ceiling)", points)] if points else []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -456,25 +854,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         machine = machine_description()
         warn_if_busy(machine)
         exit_on_termination()
-        reports, idle = run_compare(settings, prompts, args.source_dir, args.log_dir, not args.no_progress)
-    except (CompareError, LoadError, LlamaServerError, ServerStartError) as exc:
+        result = run_compare(settings, prompts, args.source_dir, args.log_dir, not args.no_progress)
+    except (CompareError, LoadError, LlamaServerError, ServerStartError, httpx.HTTPError) as exc:
         first_line, _, rest = str(exc).partition("\n")
         print(f"error: {first_line}", file=sys.stderr)
         if rest:
             print(rest, file=sys.stderr)
         return 1
-    ratios = compute_ratios(reports, settings.concurrency_levels)
-    print(format_reports(list(reports.values())))
+    ratios = compute_ratios(result.rounds, settings.concurrency_levels, result.ceiling_rounds)
+    medians = [median_report(name, rounds) for name, rounds in result.rounds.items()]
+    print(format_reports(medians))
     print()
+    print(f"median over {settings.rounds} rounds (min–max); ratios: median of same-round ratios")
     print(format_ratios(ratios))
     json_path = args.json or args.out_dir / "compare.json"
     plot_path = args.plot or args.out_dir / "compare.png"
-    write_json(json_path, compare_to_json(settings, reports, ratios, idle, machine))
+    write_json(json_path, compare_to_json(settings, result, ratios, machine))
     plot_reports(
-        list(reports.values()),
+        medians,
         plot_path,
         title=f"{settings.model}, {settings.threads} threads, {settings.parallel} slots, "
-        f"{settings.max_tokens} tokens/request",
+        f"{settings.max_tokens} tokens/request, median of {settings.rounds} rounds",
+        reference_lines=ceiling_lines(ratios),
     )
     print(f"wrote {json_path} and {plot_path}")
     return 0

@@ -5,7 +5,7 @@ in the way. It is built from the `vendor/llama.cpp` inside the llama-cpp-python 
 pyproject.toml pins, so both sides run the same C code. Everything (the sdist, the build tree, the
 binary) lives in a per-user cache outside the repository and is never committed.
 
-    python -m bench.llama_server build [--source-dir DIR]     # prints the binary's path
+    python -m bench.llama_server build [--source-dir DIR]     # prints the binaries' paths
     python -m bench.llama_server serve --port 8091 [--parallel 16 --threads 2 --ctx-size 4096]
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -28,8 +29,8 @@ from bench.process import ServerSpec, exit_on_termination, run_server
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}"
 
-# Only the server target; no tests, examples, web UI download, HTTPS or curl (nothing here needs the
-# network at build time), static libraries so the binary does not depend on the build tree's layout.
+# Only the server and batched-bench targets; no tests, examples, web UI download, HTTPS or curl (nothing here
+# needs the network at build time), static libraries so the binaries do not depend on the build tree's layout.
 CMAKE_OPTIONS: tuple[str, ...] = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=OFF",
@@ -45,6 +46,31 @@ CMAKE_OPTIONS: tuple[str, ...] = (
     "-DLLAMA_OPENSSL=OFF",
 )
 BUILD_TARGET = "llama-server"
+# llama.cpp's own batched decode loop, no HTTP: the ceiling any server over this llama.cpp can reach.
+BATCHED_BENCH_TARGET = "llama-batched-bench"
+BUILD_TARGETS = (BUILD_TARGET, BATCHED_BENCH_TARGET)
+
+# The AVX-512 subsets ggml's GGML_AVX512 compiles with (-mavx512f -mavx512cd -mavx512vl -mavx512dq -mavx512bw).
+AVX512_BASE = ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")
+# ggml's x86 instruction-set options and the /proc/cpuinfo flags each one needs (all of them). AVX_VNNI is the
+# VEX encoding (cpuinfo `avx_vnni`), a different extension from AVX512-VNNI (`avx512_vnni`): Zen 4 has only
+# the latter and a build with GGML_AVX_VNNI=ON dies there with SIGILL; Zen 5 and recent Intel have both.
+X86_FEATURE_OPTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("GGML_SSE42", ("sse4_2",)),
+    ("GGML_AVX", ("avx",)),
+    ("GGML_AVX2", ("avx2",)),
+    ("GGML_AVX_VNNI", ("avx_vnni",)),
+    ("GGML_FMA", ("fma",)),
+    ("GGML_F16C", ("f16c",)),
+    ("GGML_BMI2", ("bmi2",)),
+    ("GGML_AVX512", AVX512_BASE),
+    ("GGML_AVX512_VBMI", (*AVX512_BASE, "avx512vbmi")),
+    ("GGML_AVX512_VNNI", (*AVX512_BASE, "avx512_vnni")),
+    ("GGML_AVX512_BF16", (*AVX512_BASE, "avx512_bf16")),
+)
+# llama.cpp's AMX code is broken upstream (see docs): never compiled in, whatever the CPU has. Our server keeps
+# it out at run time (use_extra_bufts=False) or links a build without it; the yardstick must match.
+AMX_OPTIONS = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
 # Other people share the CPU: build at low priority and with a small, fixed number of jobs.
 DEFAULT_BUILD_JOBS = 2
 BUILD_NICENESS = 10
@@ -56,9 +82,14 @@ class LlamaServerError(RuntimeError):
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """Where one llama-cpp-python version's sdist, build tree and binary live in the cache."""
+    """Where one llama-cpp-python version's sdist, build tree and binaries live in the cache.
+
+    build_key names the CPU options the tree was configured with, so a cache seen by another CPU (a moved
+    home folder, a different VM) never hands out a binary built for instructions this one lacks.
+    """
 
     root: Path
+    build_key: str = "default"
 
     @property
     def sdist_dir(self) -> Path:
@@ -66,11 +97,15 @@ class CacheLayout:
 
     @property
     def build_dir(self) -> Path:
-        return self.root / "build"
+        return self.root / f"build-{self.build_key}"
 
     @property
     def binary(self) -> Path:
         return self.build_dir / "bin" / BUILD_TARGET
+
+    @property
+    def batched_bench(self) -> Path:
+        return self.build_dir / "bin" / BATCHED_BENCH_TARGET
 
     @property
     def build_log(self) -> Path:
@@ -87,24 +122,65 @@ def default_cache_root() -> Path:
     return Path(base) / "qwen3-local"
 
 
-def cache_layout(version: str = LLAMA_CPP_PYTHON_VERSION, cache_root: Path | None = None) -> CacheLayout:
-    return CacheLayout(root=(cache_root or default_cache_root()) / f"llama-server-{version}")
+def cache_layout(
+    version: str = LLAMA_CPP_PYTHON_VERSION, cache_root: Path | None = None, cpu_options: Sequence[str] | None = None
+) -> CacheLayout:
+    """The cache of one version; cpu_options (default: this CPU's) choose the build folder."""
+    options = this_cpu_build_options() if cpu_options is None else tuple(cpu_options)
+    return CacheLayout(
+        root=(cache_root or default_cache_root()) / f"llama-server-{version}", build_key=build_key(options)
+    )
+
+
+def build_key(cpu_options: Sequence[str]) -> str:
+    """A short, stable name for a set of CPU build options."""
+    return hashlib.sha256("\n".join(sorted(cpu_options)).encode()).hexdigest()[:12]
+
+
+def cpu_flags(cpuinfo_text: str) -> frozenset[str]:
+    """The instruction-set flags every processor in /proc/cpuinfo lists (x86 `flags` lines; empty elsewhere)."""
+    per_processor = [
+        frozenset(value.split())
+        for key, _, value in (line.partition(":") for line in cpuinfo_text.splitlines())
+        if key.strip() == "flags"
+    ]
+    return frozenset.intersection(*per_processor) if per_processor else frozenset()
 
 
 def cpu_has_amx(cpuinfo_text: str) -> bool:
     """True when /proc/cpuinfo's flags list AMX tiles (llama.cpp's AMX path is broken there)."""
-    for line in cpuinfo_text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags" and "amx_tile" in value.split():
-            return True
-    return False
+    return "amx_tile" in cpu_flags(cpuinfo_text)
+
+
+def cpu_build_options(flags: frozenset[str]) -> tuple[str, ...]:
+    """ggml's CMake instruction-set options for a CPU with these /proc/cpuinfo flags.
+
+    Each x86 option is ON exactly when the CPU lists every flag it compiles for, with GGML_NATIVE=OFF so the
+    compiler's own guess (-march=native) cannot add anything; AMX stays OFF. Without x86 flags (another
+    architecture, or no /proc/cpuinfo) the compiler's native detection is all there is: GGML_NATIVE=ON.
+    """
+    if not flags:
+        return ("-DGGML_NATIVE=ON",)
+    options = ["-DGGML_NATIVE=OFF"]
+    for option, needed in X86_FEATURE_OPTIONS:
+        options.append(f"-D{option}={'ON' if flags.issuperset(needed) else 'OFF'}")
+    options += [f"-D{option}=OFF" for option in AMX_OPTIONS]
+    return tuple(options)
+
+
+def _this_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def this_cpu_has_amx() -> bool:
-    try:
-        return cpu_has_amx(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        return False
+    return cpu_has_amx(_this_cpuinfo())
+
+
+def this_cpu_build_options() -> tuple[str, ...]:
+    return cpu_build_options(cpu_flags(_this_cpuinfo()))
 
 
 def vendor_dir(extracted_sdist: Path) -> Path:
@@ -134,15 +210,17 @@ def fetch_sdist(layout: CacheLayout, version: str = LLAMA_CPP_PYTHON_VERSION) ->
     return vendor_dir(extracted)
 
 
-def cmake_configure_command(source_dir: Path, build_dir: Path, generator: str | None) -> list[str]:
-    command = ["cmake", "-S", str(source_dir), "-B", str(build_dir), *CMAKE_OPTIONS]
+def cmake_configure_command(
+    source_dir: Path, build_dir: Path, generator: str | None, cpu_options: Sequence[str] = ()
+) -> list[str]:
+    command = ["cmake", "-S", str(source_dir), "-B", str(build_dir), *CMAKE_OPTIONS, *cpu_options]
     if generator is not None:
         command += ["-G", generator]
     return command
 
 
 def cmake_build_command(build_dir: Path, jobs: int) -> list[str]:
-    return ["cmake", "--build", str(build_dir), "--target", BUILD_TARGET, "-j", str(jobs)]
+    return ["cmake", "--build", str(build_dir), "--target", *BUILD_TARGETS, "-j", str(jobs)]
 
 
 def _niced(command: list[str]) -> list[str]:
@@ -179,13 +257,15 @@ def ensure_llama_server(
     """Return the cached llama-server binary, building it first if it is not there yet.
 
     source_dir: an already extracted `vendor/llama.cpp` of the pinned sdist; without it the sdist is
-    downloaded with pip into the cache.
+    downloaded with pip into the cache. llama-batched-bench is built alongside, in the same tree
+    (`cache_layout(...).batched_bench`), with the same options.
     """
-    layout = cache_layout(version, cache_root)
-    if layout.binary.is_file():
+    cpu_options = this_cpu_build_options()
+    layout = cache_layout(version, cache_root, cpu_options)
+    if _built(layout):
         return layout.binary
     with _exclusive(layout.lock_file):
-        if layout.binary.is_file():  # another process built it while we waited for the lock
+        if _built(layout):  # another process built it while we waited for the lock
             return layout.binary
         source = source_dir if source_dir is not None else fetch_sdist(layout, version)
         if not (source / "CMakeLists.txt").is_file():
@@ -193,12 +273,24 @@ def ensure_llama_server(
         if shutil.which("cmake") is None:
             raise LlamaServerError("cmake is not installed; it is needed to build llama-server")
         generator = "Ninja" if shutil.which("ninja") else None
-        layout.build_log.write_text(f"building llama-server from {source}\n")
-        _run_logged(_niced(cmake_configure_command(source, layout.build_dir, generator)), layout.build_log)
+        layout.build_log.write_text(f"building {', '.join(BUILD_TARGETS)} from {source}\n")
+        configure = cmake_configure_command(source, layout.build_dir, generator, cpu_options)
+        _run_logged(_niced(configure), layout.build_log)
         _run_logged(_niced(cmake_build_command(layout.build_dir, jobs)), layout.build_log)
-        if not layout.binary.is_file():
-            raise LlamaServerError(f"the build finished but {layout.binary} is missing; see {layout.build_log}")
+        if not _built(layout):
+            raise LlamaServerError(
+                f"the build finished but {layout.build_dir / 'bin'} lacks a binary; see {layout.build_log}"
+            )
         return layout.binary
+
+
+def _built(layout: CacheLayout) -> bool:
+    return layout.binary.is_file() and layout.batched_bench.is_file()
+
+
+def batched_bench_binary(llama_server_binary: Path) -> Path:
+    """The llama-batched-bench built in the same tree as this llama-server."""
+    return llama_server_binary.with_name(BATCHED_BENCH_TARGET)
 
 
 @dataclass(frozen=True)
@@ -266,8 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         binary = ensure_llama_server(args.source_dir, args.cache_root, args.jobs)
         if args.action == "build":
             print(binary)
+            print(batched_bench_binary(binary))
             return 0
-        from convert.registry import RegistryError, resolve_model
+        from registry.models import RegistryError, resolve_model
 
         try:
             model_path = resolve_model(args.model).path

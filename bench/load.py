@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 from tqdm import tqdm
 
+from bench.sse_client import Connection, Endpoint, read_all, read_lines
 from bench.stats import LevelSummary, LoadReport, RequestResult, RunSettings, report_to_json, summarize_level
 
 DEFAULT_PROMPTS_PATH = Path(__file__).resolve().parent / "prompts.json"
@@ -130,6 +132,8 @@ class StreamTally:
     first_token_at: float | None = None
     token_chunk_times: tuple[float, ...] = ()
     usage_tokens: int | None = None
+    prompt_tokens: int | None = None
+    cached_prompt_tokens: int | None = None
     error: str | None = None
     done: bool = False
 
@@ -152,6 +156,13 @@ def apply_sse_line(tally: StreamTally, line: str, now: float) -> StreamTally:
     usage = chunk.get("usage")
     if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
         tally = replace(tally, usage_tokens=usage["completion_tokens"])
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        tally = replace(
+            tally,
+            prompt_tokens=usage["prompt_tokens"] if isinstance(usage.get("prompt_tokens"), int) else None,
+            cached_prompt_tokens=cached if isinstance(cached, int) else None,
+        )
     for choice in chunk.get("choices") or ():
         if not isinstance(choice, dict):
             continue
@@ -180,6 +191,8 @@ def result_from_tally(tally: StreamTally, started_at: float, finished_at: float)
         n_output_tokens=tally.usage_tokens if tally.usage_tokens is not None else len(tally.token_chunk_times),
         usage_reported=tally.usage_tokens is not None,
         error=error,
+        n_prompt_tokens=tally.prompt_tokens,
+        n_cached_prompt_tokens=tally.cached_prompt_tokens,
     )
 
 
@@ -204,8 +217,57 @@ async def stream_one(client: httpx.AsyncClient, plan: LoadPlan, prompt: str, sen
     return result_from_tally(tally, started_at, time.perf_counter())
 
 
+# Sends one request (prompt, whether to send llama.cpp's extras) for one worker and times it.
+Sender = Callable[[str, bool, int], Awaitable[RequestResult]]
+
+
+class RawSender:
+    """bench.sse_client over one keep-alive connection per worker: the default, on real sockets."""
+
+    def __init__(self, plan: LoadPlan) -> None:
+        self._plan = plan
+        self._endpoint = Endpoint.from_base_url(plan.base_url)
+        self._connections: dict[int, Connection] = {}
+
+    async def __call__(self, prompt: str, send_extras: bool, worker: int) -> RequestResult:
+        connection = self._connections.get(worker)
+        if connection is None:
+            connection = self._connections[worker] = Connection(self._endpoint)
+        return await raw_stream_one(connection, self._plan, prompt, send_extras)
+
+    def close(self) -> None:
+        for connection in self._connections.values():
+            connection.close()
+        self._connections.clear()
+
+
+async def raw_stream_one(connection: Connection, plan: LoadPlan, prompt: str, send_extras: bool) -> RequestResult:
+    """stream_one over bench.sse_client: the same request, the same tally, a fraction of httpx's CPU."""
+    started_at = time.perf_counter()
+    tally = StreamTally()
+    body = json.dumps(chat_request_body(plan, prompt, send_extras)).encode()
+
+    def on_line(line: str, now: float) -> bool:
+        nonlocal tally
+        tally = apply_sse_line(tally, line, now)
+        return tally.error is not None or tally.done
+
+    try:
+        async with asyncio.timeout(plan.request_timeout_s):
+            response, response_body = await connection.request("POST", "/chat/completions", body)
+            if response.status != 200:
+                text = (await read_all(response_body)).decode(errors="replace")
+                tally = replace(tally, error=f"HTTP {response.status}: {text[:ERROR_TEXT_LIMIT]}")
+            else:
+                await read_lines(response_body, on_line)
+    except (OSError, EOFError, ValueError, TimeoutError) as exc:  # IncompleteReadError is an EOFError
+        connection.close()
+        tally = replace(tally, error=f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_LIMIT])
+    return result_from_tally(tally, started_at, time.perf_counter())
+
+
 async def run_level(
-    client: httpx.AsyncClient,
+    send: Sender,
     plan: LoadPlan,
     concurrency: int,
     n_requests: int,
@@ -226,7 +288,7 @@ async def run_level(
             except asyncio.QueueEmpty:
                 return
             in_flight[worker_id] = time.perf_counter()
-            result = await stream_one(client, plan, plan.prompts[index % len(plan.prompts)], send_extras)
+            result = await send(plan.prompts[index % len(plan.prompts)], send_extras, worker_id)
             del in_flight[worker_id]
             results.append(result)
             on_result(result)
@@ -252,19 +314,19 @@ async def run_level(
     return results
 
 
-async def probe_extras(client: httpx.AsyncClient, plan: LoadPlan) -> bool:
+async def probe_extras(send: Sender, plan: LoadPlan) -> bool:
     """Warm the server up and find out whether it accepts the llama.cpp extras (ignore_eos, n_predict).
 
     A server that rejects unknown fields answers 400/422; then the run goes on without them.
     """
     send_extras = plan.ignore_eos
     for _ in range(max(plan.warmup_requests, 1)):
-        result = await stream_one(client, plan, plan.prompts[0], send_extras)
+        result = await send(plan.prompts[0], send_extras, 0)
         if result.ok:
             continue
         if send_extras and result.error is not None and result.error.startswith(("HTTP 400", "HTTP 422")):
             send_extras = False
-            retry = await stream_one(client, plan, plan.prompts[0], send_extras)
+            retry = await send(plan.prompts[0], send_extras, 0)
             if retry.ok:
                 continue
             result = retry
@@ -285,20 +347,45 @@ async def discover_model(base_url: str, timeout_s: float = 10.0) -> str:
 
 
 async def run_load(
-    plan: LoadPlan, label: str, show_progress: bool = True, transport: httpx.AsyncBaseTransport | None = None
+    plan: LoadPlan,
+    label: str,
+    show_progress: bool = True,
+    transport: httpx.AsyncBaseTransport | None = None,
+    on_level_edge: Callable[[], None] | None = None,
 ) -> LoadReport:
-    """Run every concurrency level of the plan in order against one server (transport: for tests)."""
-    n_connections = max(plan.concurrency_levels) + 4
-    connection_limits = httpx.Limits(max_connections=n_connections, max_keepalive_connections=n_connections)
-    timeout = httpx.Timeout(plan.request_timeout_s, connect=10.0)
-    async with httpx.AsyncClient(
-        timeout=timeout, limits=connection_limits, trust_env=False, transport=transport
-    ) as client:
-        send_extras = await probe_extras(client, plan)
+    """Run every concurrency level of the plan in order against one server; on_level_edge: called right before
+    and right after each level's requests, e.g. to read CPU counters.
+
+    Requests go out through bench.sse_client, one keep-alive connection per client; with `transport` (tests:
+    an in-process fake server) through httpx instead.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        send: Sender
+        if transport is None:
+            raw = RawSender(plan)
+            stack.callback(raw.close)
+            send = raw
+        else:
+            n_connections = max(plan.concurrency_levels) + 4
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    timeout=httpx.Timeout(plan.request_timeout_s, connect=10.0),
+                    limits=httpx.Limits(max_connections=n_connections, max_keepalive_connections=n_connections),
+                    trust_env=False,
+                    transport=transport,
+                )
+            )
+
+            async def send(prompt: str, send_extras: bool, worker: int) -> RequestResult:
+                return await stream_one(client, plan, prompt, send_extras)
+
+        send_extras = await probe_extras(send, plan)
         summaries: list[LevelSummary] = []
         for concurrency, n_requests in zip(plan.concurrency_levels, plan.requests_per_level, strict=True):
             summaries.append(
-                await _run_level_with_progress(client, plan, label, concurrency, n_requests, send_extras, show_progress)
+                await _run_level_with_progress(
+                    send, plan, label, concurrency, n_requests, send_extras, show_progress, on_level_edge
+                )
             )
     settings = RunSettings(
         base_url=plan.base_url,
@@ -314,13 +401,14 @@ async def run_load(
 
 
 async def _run_level_with_progress(
-    client: httpx.AsyncClient,
+    send: Sender,
     plan: LoadPlan,
     label: str,
     concurrency: int,
     n_requests: int,
     send_extras: bool,
     show_progress: bool,
+    on_level_edge: Callable[[], None] | None = None,
 ) -> LevelSummary:
     with tqdm(
         total=n_requests, desc=f"{label} c={concurrency}", unit="req", disable=not show_progress, leave=True
@@ -334,8 +422,14 @@ async def _run_level_with_progress(
             bar.update(1)
             bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - level_started, 1e-9):.1f}")
 
-        results = await run_level(client, plan, concurrency, n_requests, send_extras, on_result)
-    return summarize_level(concurrency, plan.max_tokens, results)
+        if on_level_edge is not None:
+            on_level_edge()
+        cpu_started = time.process_time()
+        results = await run_level(send, plan, concurrency, n_requests, send_extras, on_result)
+        client_cpu_s = time.process_time() - cpu_started
+        if on_level_edge is not None:
+            on_level_edge()
+    return summarize_level(concurrency, plan.max_tokens, results, client_cpu_s=client_cpu_s)
 
 
 TABLE_HEADER = (
@@ -375,8 +469,17 @@ def format_reports(reports: Sequence[LoadReport]) -> str:
     return "\n".join(lines)
 
 
-def plot_reports(reports: Sequence[LoadReport], path: Path, title: str = "Load benchmark") -> None:
-    """PNG: aggregate output tokens/s (left) and TTFT p50/p95 (right) by concurrency, a line per server."""
+def plot_reports(
+    reports: Sequence[LoadReport],
+    path: Path,
+    title: str = "Load benchmark",
+    reference_lines: Sequence[tuple[str, Sequence[tuple[int, float]]]] = (),
+) -> None:
+    """PNG: aggregate output tokens/s (left) and TTFT p50/p95 (right) by concurrency, a line per server.
+
+    reference_lines: (label, [(concurrency, tokens/s), ...]) drawn dashed on the throughput side only
+    (a ceiling measured without a server has no TTFT).
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot
@@ -393,6 +496,10 @@ def plot_reports(reports: Sequence[LoadReport], path: Path, title: str = "Load b
         p95 = [level.ttft_p95_ms if level.ttft_p95_ms is not None else float("nan") for level in report.levels]
         ttft_axis.plot(xs, p50, marker="o", color=line.get_color(), label=f"{report.label} p50")
         ttft_axis.plot(xs, p95, marker="x", linestyle="--", color=line.get_color(), label=f"{report.label} p95")
+    for label, points in reference_lines:
+        throughput_axis.plot(
+            [x for x, _ in points], [y for _, y in points], linestyle=":", marker="^", color="grey", label=label
+        )
     for axis, ylabel in (
         (throughput_axis, "output tokens/s (aggregate)"),
         (ttft_axis, "time to first token (ms)"),

@@ -46,6 +46,10 @@ class RequestResult:
     # True when the count came from the server's usage chunk, False when chunks were counted instead.
     usage_reported: bool
     error: str | None = None
+    # From the usage chunk, where the server sends them: the prompt's length and how much of it came from a
+    # cache (OpenAI's prompt_tokens_details.cached_tokens), so prompt tokens computed = the difference.
+    n_prompt_tokens: int | None = None
+    n_cached_prompt_tokens: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -82,13 +86,21 @@ class LevelSummary:
     itl_p95_ms: float | None
     usage_reported: bool
     error_samples: tuple[str, ...]
+    # Means over the successful requests whose usage said so (None where none did).
+    mean_prompt_tokens: float | None = None
+    mean_computed_prompt_tokens: float | None = None
+    # CPU seconds the load generator's own process used while this level ran: on a machine with few cores it
+    # is taken from the server being measured.
+    client_cpu_s: float | None = None
 
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
 
 
-def summarize_level(concurrency: int, max_tokens: int, results: Sequence[RequestResult]) -> LevelSummary:
+def summarize_level(
+    concurrency: int, max_tokens: int, results: Sequence[RequestResult], client_cpu_s: float | None = None
+) -> LevelSummary:
     """Aggregate one level. Wall time runs from the first request's start to the last one's end, so
     throughput counts only what the server did while this level's clients were active."""
     ok_results = [result for result in results if result.ok]
@@ -99,6 +111,12 @@ def summarize_level(concurrency: int, max_tokens: int, results: Sequence[Request
     ttfts = [result.ttft_s for result in ok_results if result.ttft_s is not None]
     gaps = [gap for result in ok_results for gap in result.inter_token_gaps_s]
     errors = [result.error for result in results if result.error is not None]
+    prompts = [result.n_prompt_tokens for result in ok_results if result.n_prompt_tokens is not None]
+    computed = [
+        result.n_prompt_tokens - (result.n_cached_prompt_tokens or 0)
+        for result in ok_results
+        if result.n_prompt_tokens is not None
+    ]
     return LevelSummary(
         concurrency=concurrency,
         n_requests=len(results),
@@ -116,6 +134,9 @@ def summarize_level(concurrency: int, max_tokens: int, results: Sequence[Request
         itl_p95_ms=_ms(percentile(gaps, 0.95)),
         usage_reported=bool(ok_results) and all(result.usage_reported for result in ok_results),
         error_samples=tuple(dict.fromkeys(errors))[:MAX_ERROR_SAMPLES],
+        mean_prompt_tokens=sum(prompts) / len(prompts) if prompts else None,
+        mean_computed_prompt_tokens=sum(computed) / len(computed) if computed else None,
+        client_cpu_s=client_cpu_s,
     )
 
 

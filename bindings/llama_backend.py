@@ -343,6 +343,11 @@ class LlamaBackend:
             else:
                 raise BackendError(f"unknown cache op {op.kind!r}; known: {', '.join(sorted(CACHE_OP_KINDS))}")
 
+    def state_size(self, slot: int) -> int:
+        self._check_open()
+        self._check_slot(slot, "state_size")
+        return int(llama.llama_state_seq_get_size(self._ctx, slot))
+
     def _truncate(self, slot: int, n_keep: int) -> None:
         if n_keep < 0:
             raise BackendError(f"truncate of slot {slot}: n_keep must be >= 0, got {n_keep}")

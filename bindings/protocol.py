@@ -114,7 +114,8 @@ class CacheOp:
       "copy"     — make `slot` an exact copy of slot `src` (n > 1 choices after a shared prefill).
       "stash"    — copy `slot`'s whole state into prompt-cache entry `entry` (in RAM, outside the context).
       "load"     — replace `slot`'s state by prompt-cache entry `entry` (the entry stays).
-      "drop"     — forget prompt-cache entry `entry` (`slot` is unused).
+      "drop"     — forget prompt-cache entry `entry` (`slot` is unused); dropping an unknown entry is a no-op,
+                   so a drop may be repeated after a failed step.
     """
 
     kind: str
@@ -122,6 +123,7 @@ class CacheOp:
     n_keep: int = 0
     src: int = -1
     entry: int = -1
+    n_bytes: int = 0  # "stash": the slot's state size the scheduler budgeted for (state_size when planned)
 
 
 class Vocab(Protocol):
@@ -142,7 +144,14 @@ class Backend(Vocab, Protocol):
     @property
     def info(self) -> ModelInfo: ...
 
-    def apply(self, ops: Sequence[CacheOp]) -> None: ...
+    def apply(self, ops: Sequence[CacheOp]) -> None:
+        """Apply the ops in order; on a BackendError the ops after the failing one are not applied."""
+        ...
+
+    def state_size(self, slot: int) -> int:
+        """Bytes a "stash" or "save" of `slot` would copy now (llama_state_seq_get_size): what a prompt-cache
+        entry of its contents costs in RAM. Cheap: llama.cpp sizes the state without copying it."""
+        ...
 
     def decode(self, entries: Sequence[BatchEntry]) -> None:
         """One llama_decode over all entries, in the given (slot-ascending) order. Raises DecodeError."""

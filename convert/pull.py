@@ -7,7 +7,8 @@ and LFS sha256, `http_get` for the ranged, retried, progress-barred transfer), w
 stable `<sha256>.part` file to resume from, verifies the sha256, and only then renames the blob into the
 cache layout huggingface-hub itself uses (blobs/, snapshots/<commit>/, refs/), so `scan_cache_dir`,
 `hf_hub_download` and `find_cached_gguf` all see the result. A file under its final name is always complete
-and verified.
+and verified. An optional callback hears the progress (bytes done and total over every shard), which the
+server's /health reports while it downloads a model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import os
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, cast
 
 from registry.hub_cache import (
     CacheLayout,
@@ -39,6 +42,9 @@ from registry.models import (
 _HASH_CHUNK_BYTES = 8 << 20
 
 FreeBytes = Callable[[Path], int]
+# Told how a pull goes: (bytes_done, bytes_total) over every file of the model, bytes already on disk (complete
+# files, partial ones being resumed) counted as done. Called from the downloading thread after each chunk.
+PullProgress = Callable[[int, int], None]
 
 
 class PullError(RegistryError):
@@ -141,14 +147,15 @@ def free_bytes_at(path: Path) -> int:
 
 def bytes_still_needed(plan: PullPlan, layout: CacheLayout) -> int:
     """Bytes left to download: complete blobs count 0, partial ones count what they lack."""
-    needed = 0
-    for remote in plan.files:
-        if _blob_is_complete(layout, remote):
-            continue
-        partial = layout.partial(remote.sha256)
-        have = partial.stat().st_size if partial.is_file() else 0
-        needed += remote.size - min(have, remote.size)
-    return needed
+    return sum(remote.size - _bytes_present(layout, remote) for remote in plan.files)
+
+
+def _bytes_present(layout: CacheLayout, remote: RemoteFile) -> int:
+    """What of one file is already here: all of a complete blob, the usable prefix of a partial one."""
+    if _blob_is_complete(layout, remote):
+        return remote.size
+    partial = layout.partial(remote.sha256)
+    return min(partial.stat().st_size, remote.size) if partial.is_file() else 0
 
 
 def check_free_space(plan: PullPlan, layout: CacheLayout, free_bytes: FreeBytes = free_bytes_at) -> None:
@@ -164,19 +171,31 @@ def check_free_space(plan: PullPlan, layout: CacheLayout, free_bytes: FreeBytes 
 # ---------------------------------------------------------------- transfer + verification
 
 
-def execute_pull(hub: HubLocation, plan: PullPlan, free_bytes: FreeBytes = free_bytes_at) -> Path:
+def execute_pull(
+    hub: HubLocation, plan: PullPlan, free_bytes: FreeBytes = free_bytes_at, progress: PullProgress | None = None
+) -> Path:
     """Download every file of the plan (resuming partial ones), verify each, link them; return the first."""
     from filelock import FileLock  # a huggingface-hub dependency
 
     layout = CacheLayout(hub.cache_dir, plan.repo)
     check_free_space(plan, layout, free_bytes)
+    present = {remote.path: _bytes_present(layout, remote) for remote in plan.files}
+
+    def report(remote: RemoteFile, n_bytes: int) -> None:
+        present[remote.path] = n_bytes
+        if progress is not None:
+            progress(sum(present.values()), plan.total_bytes)
+
+    if progress is not None:
+        progress(sum(present.values()), plan.total_bytes)
     for remote in plan.files:
         layout.lock(remote.sha256).parent.mkdir(parents=True, exist_ok=True)
         # Two pulls of the same file must not append to one partial file; the second waits.
         with FileLock(layout.lock(remote.sha256)):
             if not _blob_is_complete(layout, remote):
-                _download_blob(hub, plan, remote, layout)
+                _download_blob(hub, plan, remote, layout, on_size=partial(report, remote))
             _link_pointer(layout, plan.commit, remote)
+        report(remote, remote.size)
     if plan.revision != plan.commit:
         layout.ref(plan.revision).parent.mkdir(parents=True, exist_ok=True)
         layout.ref(plan.revision).write_text(plan.commit)
@@ -188,7 +207,29 @@ def _blob_is_complete(layout: CacheLayout, remote: RemoteFile) -> bool:
     return blob.is_file() and blob.stat().st_size == remote.size
 
 
-def _download_blob(hub: HubLocation, plan: PullPlan, remote: RemoteFile, layout: CacheLayout) -> None:
+class _SizeReportingFile:
+    """The partial file as http_get sees it: after every write, the file's new size goes to `on_size`."""
+
+    def __init__(self, file: BinaryIO, on_size: Callable[[int], None]) -> None:
+        self._file = file
+        self._on_size = on_size
+
+    def write(self, data: bytes) -> int:
+        written = self._file.write(data)
+        self._on_size(self._file.tell())
+        return written
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)  # tell, seek, truncate, flush: the file's own
+
+
+def _download_blob(
+    hub: HubLocation,
+    plan: PullPlan,
+    remote: RemoteFile,
+    layout: CacheLayout,
+    on_size: Callable[[int], None] | None = None,
+) -> None:
     from huggingface_hub import get_token, hf_hub_url
     from huggingface_hub.file_download import http_get
 
@@ -200,10 +241,11 @@ def _download_blob(hub: HubLocation, plan: PullPlan, remote: RemoteFile, layout:
     with partial.open("ab") as sink:
         resume_from = sink.tell()
         if resume_from < remote.size:
+            target = cast(BinaryIO, _SizeReportingFile(sink, on_size)) if on_size is not None else sink
             try:
                 http_get(
                     url,
-                    sink,
+                    target,
                     resume_size=resume_from,
                     headers={"authorization": f"Bearer {token}"} if (token := get_token()) else {},
                     expected_size=remote.size,  # the whole file: http_get counts resumed bytes too
@@ -268,6 +310,7 @@ def pull_model(
     registry: Registry | None = None,
     hub: HubLocation | None = None,
     free_bytes: FreeBytes = free_bytes_at,
+    progress: PullProgress | None = None,
 ) -> Path:
     """Make sure the models.yaml model `name` (quantization `quant`) is in the hub cache; return its path."""
     entry = (registry or load_registry()).entry(name)
@@ -285,17 +328,19 @@ def pull_model(
             f"unset it and run: python -m convert pull {name}"
         )
     plan = plan_pull(hub, source.repo, pattern, source.revision, source.sha256)
-    return execute_pull(hub, plan, free_bytes)
+    return execute_pull(hub, plan, free_bytes, progress)
 
 
-def ensure_model(
+def locate_model(
     name_or_path: str,
     *,
     allow_download: bool,
     registry: Registry | None = None,
     hub: HubLocation | None = None,
-) -> ResolvedModel:
-    """Resolve a name or path to a local GGUF, pulling a models.yaml hub model on first use when allowed."""
+) -> ResolvedModel | None:
+    """A name or path as a local GGUF, without downloading anything; None for a models.yaml hub model that
+    is not downloaded yet and may be (downloads allowed, hub not offline). RegistryError for what can never
+    resolve here: an unknown name, a missing file, or a model to download while downloads cannot happen."""
     try:
         return resolve_model(name_or_path, registry)
     except RegistryError:
@@ -309,7 +354,25 @@ def ensure_model(
         raise RegistryError(
             f"model {name_or_path!r} is not downloaded yet and {why}; run: python -m convert pull {name_or_path}"
         )
-    path = pull_model(name_or_path, registry=registry, hub=hub)
+    return None
+
+
+def ensure_model(
+    name_or_path: str,
+    *,
+    allow_download: bool,
+    registry: Registry | None = None,
+    hub: HubLocation | None = None,
+    progress: PullProgress | None = None,
+) -> ResolvedModel:
+    """Resolve a name or path to a local GGUF, pulling a models.yaml hub model on first use when allowed."""
+    hub = hub or HubLocation.from_environment()
+    found = locate_model(name_or_path, allow_download=allow_download, registry=registry, hub=hub)
+    if found is not None:
+        return found
+    registry = registry or load_registry()
+    entry = registry.entry(name_or_path)
+    path = pull_model(name_or_path, registry=registry, hub=hub, progress=progress)
     return ResolvedModel(name=entry.name, path=path, context=entry.context, chat_template=entry.chat_template)
 
 

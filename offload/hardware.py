@@ -9,14 +9,17 @@ several `--gpu`, or `--gpu none`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 KIB = 1024
 MIB = 1024**2
@@ -212,11 +215,19 @@ def default_cache_path() -> Path:
     return base / "qwen3-local" / CACHE_FILE_NAME
 
 
-def detect(cache_path: Path | None = None, refresh: bool = False, with_gpus: bool = True) -> HardwareProfile:
+def detect(
+    cache_path: Path | None = None,
+    refresh: bool = False,
+    with_gpus: bool = True,
+    backend_devices: Sequence[BackendDevice] | None = None,
+) -> HardwareProfile:
     """Probe this machine. The RAM bandwidth measurement is cached at `cache_path` unless `refresh`.
 
     with_gpus=False ignores the GPUs: pass llama.cpp's llama_supports_gpu_offload() so that a CPU-only build
-    is never planned onto a GPU it cannot use."""
+    is never planned onto a GPU it cannot use. backend_devices: llama.cpp's device registry where the caller
+    has it (bindings.devices.list_devices()): then its GPUs, in its order, with its names and free memory,
+    are the ones planned for, NVML adds bandwidth and PCIe link, and every disagreement is logged. Without
+    it, NVML's GPUs in CUDA's order (cuda_device_order)."""
     import psutil
 
     cpu = _detect_cpu()
@@ -228,7 +239,7 @@ def detect(cache_path: Path | None = None, refresh: bool = False, with_gpus: boo
         bandwidth = measure_ram_bandwidth(cpu.physical_cores)
         _store_bandwidth(path, cache_key, bandwidth)
     return HardwareProfile(
-        gpus=_detect_gpus() if with_gpus else (),
+        gpus=_detect_gpus(backend_devices) if with_gpus else (),
         cpu=cpu,
         ram_total_bytes=int(memory.total),
         ram_available_bytes=int(memory.available),
@@ -297,40 +308,256 @@ def _store_bandwidth(path: Path, key: str, bandwidth: float) -> None:
         pass  # a read-only home only costs a re-measurement next time
 
 
-def _visible_gpu_order(n_devices: int, uuids: list[str]) -> list[int]:
-    """Indices of the GPUs CUDA will expose, in CUDA's order (CUDA_VISIBLE_DEVICES: indices or UUIDs)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+# ---------------------------------------------------------------------------------------------------------
+# GPUs: NVML's devices in CUDA's order, cross-checked against llama.cpp's own device registry
+
+# A CUDA context alone takes a few hundred MiB, and free memory moves between two readings: gaps below this
+# between NVML's and llama.cpp's numbers are expected; larger ones mean the two describe different devices.
+MEMORY_DISAGREEMENT_BYTES = GIB
+GPU_DEVICE_KINDS = frozenset({"gpu", "igpu"})  # ggml_backend_dev_type names (bindings/devices.py)
+
+
+@dataclass(frozen=True)
+class MigInstance:
+    """One MIG instance of a GPU: CUDA numbers it as a device of its own."""
+
+    uuid: str  # "MIG-..."
+    gpu_instance_id: int
+    compute_instance_id: int
+    total_bytes: int
+    free_bytes: int
+
+
+@dataclass(frozen=True)
+class NvmlGpu:
+    """One GPU as NVML enumerates it, with what CUDA's device order depends on."""
+
+    name: str
+    uuid: str  # "GPU-..."
+    pci_bus_id: str  # normalized by pci_bus_id(): "0000:01:00.0"
+    total_bytes: int
+    free_bytes: int
+    memory_bandwidth_bytes_per_s: float = DEFAULT_GPU_BANDWIDTH_BYTES_PER_S
+    pcie_generation: int = DEFAULT_PCIE_GENERATION
+    pcie_width: int = DEFAULT_PCIE_WIDTH
+    speed: float = 0.0  # for CUDA's FASTEST_FIRST guess: CUDA cores x max SM clock; 0 when NVML does not say
+    mig: tuple[MigInstance, ...] = ()
+
+
+@dataclass(frozen=True)
+class CudaDevice:
+    """CUDA device N (llama.cpp's CUDA<N>): a whole GPU, or one MIG instance of it."""
+
+    gpu: NvmlGpu
+    mig: MigInstance | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return self.gpu.total_bytes if self.mig is None else self.mig.total_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        return self.gpu.free_bytes if self.mig is None else self.mig.free_bytes
+
+    def gpu_info(self) -> GpuInfo:
+        name, bandwidth = self.gpu.name, self.gpu.memory_bandwidth_bytes_per_s
+        if self.mig is not None:
+            name = f"{name} (MIG {self.mig.gpu_instance_id}/{self.mig.compute_instance_id})"
+            # an instance owns a share of the memory slices, and so that share of the bandwidth
+            bandwidth *= self.mig.total_bytes / max(self.gpu.total_bytes, 1)
+        return GpuInfo(
+            name=name,
+            total_bytes=self.total_bytes,
+            free_bytes=self.free_bytes,
+            memory_bandwidth_bytes_per_s=bandwidth,
+            pcie_generation=self.gpu.pcie_generation,
+            pcie_width=self.gpu.pcie_width,
+        )
+
+
+class BackendDevice(Protocol):
+    """One device of llama.cpp's (ggml's) registry, as bindings.devices.DeviceInfo describes it. The planner
+    may not import the bindings: the caller hands these in."""
+
+    @property
+    def name(self) -> str: ...  # "CPU", "CUDA0", "RPC[host:port]", ...
+
+    @property
+    def description(self) -> str: ...  # "NVIDIA GeForce RTX 4080"
+
+    @property
+    def kind(self) -> str: ...  # "cpu", "gpu", "igpu", "accel", ...
+
+    @property
+    def free_bytes(self) -> int: ...
+
+    @property
+    def total_bytes(self) -> int: ...
+
+    @property
+    def device_id(self) -> str | None: ...  # PCI bus id where the backend knows it
+
+
+_PCI_BUS_ID = re.compile(r"(?:([0-9a-fA-F]{1,8}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])")
+
+
+def pci_bus_id(text: str) -> str | None:
+    """NVML's '00000000:01:00.0' and CUDA's '0000:01:00.0' alike -> '0000:01:00.0'; None if not a bus id."""
+    match = _PCI_BUS_ID.fullmatch(text.strip())
+    if match is None:
+        return None
+    domain, bus, device, function = match.groups()
+    return f"{int(domain or '0', 16):04x}:{int(bus, 16):02x}:{int(device, 16):02x}.{function}"
+
+
+def cuda_device_order(gpus: Sequence[NvmlGpu], environ: Mapping[str, str] | None = None) -> tuple[CudaDevice, ...]:
+    """The devices CUDA numbers 0, 1, ... (llama.cpp's CUDA0, CUDA1, ...), from NVML's GPUs and the environment.
+
+    CUDA_DEVICE_ORDER: FASTEST_FIRST (CUDA's default) or PCI_BUS_ID (nvidia-smi's order). CUDA documents
+    FASTEST_FIRST only as a heuristic; here it is CUDA cores x SM clock, ties in PCI bus order. Where
+    llama.cpp's registry is at hand its order wins and this one is only checked against it (reconcile_gpus).
+    CUDA_VISIBLE_DEVICES: comma-separated indices into that order, GPU UUIDs (a unique prefix is enough) or
+    MIG instances (MIG-<uuid>, or the older MIG-GPU-<gpu uuid>/<gpu instance>/<compute instance>). As in
+    CUDA, the list ends at the first entry that names no device (or one already listed): "0,7,1" with two
+    GPUs is device 0 alone; "" and "-1" hide every GPU.
+    """
+    env = os.environ if environ is None else environ
+    by_bus = sorted(gpus, key=lambda gpu: gpu.pci_bus_id)  # normalized ids sort as their numbers
+    if env.get("CUDA_DEVICE_ORDER", "").strip().upper() == "PCI_BUS_ID":
+        enumerated = by_bus
+    else:
+        enumerated = sorted(by_bus, key=lambda gpu: -gpu.speed)  # stable: equal speeds keep PCI bus order
+    visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
-        return list(range(n_devices))
-    order: list[int] = []
-    for item in (part.strip() for part in visible.split(",")):
-        if not item:
-            continue
-        if item.isdigit():
-            index = int(item)
-            if index >= n_devices:
-                break  # CUDA stops at the first invalid entry
-            order.append(index)
-        else:
-            matches = [i for i, uuid in enumerate(uuids) if uuid.startswith(item)]
-            if len(matches) != 1:
-                break
-            order.append(matches[0])
-    return order
+        return tuple(CudaDevice(gpu) for gpu in enumerated)
+    chosen: list[CudaDevice] = []
+    for entry in visible.split(","):
+        device = _visible_device(entry.strip(), enumerated)
+        if device is None or device in chosen:
+            break
+        chosen.append(device)
+    return tuple(chosen)
 
 
-def _detect_gpus() -> tuple[GpuInfo, ...]:
+def _visible_device(entry: str, enumerated: Sequence[NvmlGpu]) -> CudaDevice | None:
+    """The device one CUDA_VISIBLE_DEVICES entry names, or None when it names none (or several)."""
+    if entry.isdigit():  # digits only: "-1" and "+1" name no device
+        index = int(entry)
+        return CudaDevice(enumerated[index]) if index < len(enumerated) else None
+    if entry.startswith("MIG-GPU-"):
+        gpu_uuid, _, ids = entry.removeprefix("MIG-").partition("/")
+        gi, _, ci = ids.partition("/")
+        if not (gi.isdigit() and ci.isdigit()):
+            return None
+        candidates = [
+            CudaDevice(gpu, mig)
+            for gpu in enumerated
+            if gpu.uuid == gpu_uuid
+            for mig in gpu.mig
+            if (mig.gpu_instance_id, mig.compute_instance_id) == (int(gi), int(ci))
+        ]
+    elif entry.startswith("MIG-"):
+        candidates = [CudaDevice(gpu, mig) for gpu in enumerated for mig in gpu.mig if mig.uuid.startswith(entry)]
+    elif entry.startswith("GPU-"):
+        candidates = [CudaDevice(gpu) for gpu in enumerated if gpu.uuid.startswith(entry)]
+    else:
+        return None
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def reconcile_gpus(
+    cuda_devices: Sequence[CudaDevice], backend_devices: Sequence[BackendDevice]
+) -> tuple[tuple[GpuInfo, ...], tuple[str, ...]]:
+    """The GPUs of llama.cpp's registry, in its order (the order it assigns layers and tensor_split shares
+    in), named and sized as llama.cpp reports them; NVML, matched by PCI bus id, adds the memory bandwidth
+    and PCIe link. Returns (gpus, disagreements): each way NVML's view (in CUDA's order) differs."""
+    problems: list[str] = []
+    gpus: list[GpuInfo] = []
+    n_cuda = 0
+    for device in (d for d in backend_devices if d.kind in GPU_DEVICE_KINDS):
+        bus = pci_bus_id(device.device_id) if device.device_id else None
+        match: CudaDevice | None = None
+        if device.name.upper().startswith("CUDA"):
+            n_cuda += 1
+            # CUDA<n> is CUDA device n: the order worked out from NVML must put the same GPU there
+            ordinal = device.name[4:]
+            expected = cuda_devices[int(ordinal)] if ordinal.isdigit() and int(ordinal) < len(cuda_devices) else None
+            if expected is not None and bus in (None, expected.gpu.pci_bus_id):
+                match = expected
+            else:
+                where = f"the GPU at {expected.gpu.pci_bus_id}" if expected is not None else "no GPU"
+                problems.append(
+                    f"llama.cpp's {device.name} is {device.description or 'a GPU'} at {bus or 'an unknown bus id'}, "
+                    f"but NVML with CUDA_DEVICE_ORDER/CUDA_VISIBLE_DEVICES puts {where} there"
+                )
+        if match is None and bus is not None:
+            same_bus = [candidate for candidate in cuda_devices if candidate.gpu.pci_bus_id == bus]
+            match = same_bus[0] if len(same_bus) == 1 else None
+        if match is not None:
+            problems += _disagreements(device, match)
+        gpus.append(_backend_gpu_info(device, match))
+    if n_cuda and n_cuda != len(cuda_devices):  # a build without CUDA (Vulkan, RPC) numbers no CUDA device
+        problems.append(f"llama.cpp sees {n_cuda} CUDA device(s), NVML with CUDA_VISIBLE_DEVICES {len(cuda_devices)}")
+    return tuple(gpus), tuple(problems)
+
+
+def _same_name(first: str, second: str) -> bool:
+    return " ".join(first.split()).casefold() == " ".join(second.split()).casefold()
+
+
+def _disagreements(device: BackendDevice, match: CudaDevice) -> list[str]:
+    problems = []
+    if match.mig is None and device.description and not _same_name(device.description, match.gpu.name):
+        problems.append(f"{device.name}: llama.cpp says {device.description!r}, NVML {match.gpu.name!r}")
+    for what, ours, nvml in (
+        ("free", device.free_bytes, match.free_bytes),
+        ("total", device.total_bytes, match.total_bytes),
+    ):
+        if abs(ours - nvml) > MEMORY_DISAGREEMENT_BYTES:
+            problems.append(f"{device.name}: llama.cpp reports {ours / GIB:.2f} GiB {what}, NVML {nvml / GIB:.2f} GiB")
+    return problems
+
+
+def _backend_gpu_info(device: BackendDevice, match: CudaDevice | None) -> GpuInfo:
+    nvml = match.gpu_info() if match is not None else None
+    return GpuInfo(
+        name=device.description or device.name,
+        total_bytes=device.total_bytes,
+        free_bytes=device.free_bytes,
+        memory_bandwidth_bytes_per_s=nvml.memory_bandwidth_bytes_per_s if nvml else DEFAULT_GPU_BANDWIDTH_BYTES_PER_S,
+        pcie_generation=nvml.pcie_generation if nvml else DEFAULT_PCIE_GENERATION,
+        pcie_width=nvml.pcie_width if nvml else DEFAULT_PCIE_WIDTH,
+    )
+
+
+def _detect_gpus(backend_devices: Sequence[BackendDevice] | None) -> tuple[GpuInfo, ...]:
+    nvml_gpus = _nvml_gpus()
+    cuda_devices = cuda_device_order(nvml_gpus or ())
+    if backend_devices is None:
+        return tuple(device.gpu_info() for device in cuda_devices)
+    gpus, problems = reconcile_gpus(cuda_devices, backend_devices)
+    if nvml_gpus is None:
+        if gpus:
+            log.info("NVML is not available: GPU bandwidth and PCIe link assumed, not read")
+    else:
+        for problem in problems:
+            log.warning("GPU check against NVML: %s", problem)
+    return gpus
+
+
+def _nvml_gpus() -> list[NvmlGpu] | None:
+    """NVML's GPUs; None where there is no NVIDIA driver (or no NVML library)."""
     try:
         import pynvml
-
+    except ImportError:
+        return None
+    try:
         pynvml.nvmlInit()
-    except Exception:  # no NVIDIA driver (pynvml raises its own NVMLError subclasses): a CPU-only machine
-        return ()
+    except pynvml.NVMLError:  # LibraryNotFound, DriverNotLoaded, ...: a machine without NVIDIA GPUs
+        return None
     try:
         count = pynvml.nvmlDeviceGetCount()
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-        uuids = [_nvml_str(pynvml.nvmlDeviceGetUUID(h)) for h in handles]
-        return tuple(_gpu_info(pynvml, handles[i]) for i in _visible_gpu_order(count, uuids))
+        return [_nvml_gpu(pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)) for index in range(count)]
     finally:
         pynvml.nvmlShutdown()
 
@@ -339,24 +566,57 @@ def _nvml_str(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _nvml_or(default: int, call: Any, *args: Any) -> int:
+def _nvml_or(pynvml: Any, default: int, call: Any, *args: Any) -> int:
     try:
         return int(call(*args))
-    except Exception:  # a field this GPU / driver does not report
+    except pynvml.NVMLError:  # NotSupported / FunctionNotFound: a field this GPU or driver does not report
         return default
 
 
-def _gpu_info(pynvml: Any, handle: Any) -> GpuInfo:
+def _nvml_gpu(pynvml: Any, handle: Any) -> NvmlGpu:
     memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-    bus_width_bits = _nvml_or(0, pynvml.nvmlDeviceGetMemoryBusWidth, handle)
-    memory_clock_mhz = _nvml_or(0, pynvml.nvmlDeviceGetMaxClockInfo, handle, pynvml.NVML_CLOCK_MEM)
+    bus_width_bits = _nvml_or(pynvml, 0, pynvml.nvmlDeviceGetMemoryBusWidth, handle)
+    memory_clock_mhz = _nvml_or(pynvml, 0, pynvml.nvmlDeviceGetMaxClockInfo, handle, pynvml.NVML_CLOCK_MEM)
     # NVML's memory clock is half the data rate for both GDDR and HBM: bytes/s = clock x 2 x bus width / 8
     bandwidth = memory_clock_mhz * 1e6 * 2 * bus_width_bits / 8 or DEFAULT_GPU_BANDWIDTH_BYTES_PER_S
-    return GpuInfo(
+    cores = _nvml_or(pynvml, 0, pynvml.nvmlDeviceGetNumGpuCores, handle)
+    sm_clock_mhz = _nvml_or(pynvml, 0, pynvml.nvmlDeviceGetMaxClockInfo, handle, pynvml.NVML_CLOCK_SM)
+    bus_id = _nvml_str(pynvml.nvmlDeviceGetPciInfo(handle).busId)
+    return NvmlGpu(
         name=_nvml_str(pynvml.nvmlDeviceGetName(handle)),
+        uuid=_nvml_str(pynvml.nvmlDeviceGetUUID(handle)),
+        pci_bus_id=pci_bus_id(bus_id) or bus_id,
         total_bytes=int(memory.total),
         free_bytes=int(memory.free),
         memory_bandwidth_bytes_per_s=float(bandwidth),
-        pcie_generation=_nvml_or(DEFAULT_PCIE_GENERATION, pynvml.nvmlDeviceGetMaxPcieLinkGeneration, handle),
-        pcie_width=_nvml_or(DEFAULT_PCIE_WIDTH, pynvml.nvmlDeviceGetMaxPcieLinkWidth, handle),
+        pcie_generation=_nvml_or(pynvml, DEFAULT_PCIE_GENERATION, pynvml.nvmlDeviceGetMaxPcieLinkGeneration, handle),
+        pcie_width=_nvml_or(pynvml, DEFAULT_PCIE_WIDTH, pynvml.nvmlDeviceGetMaxPcieLinkWidth, handle),
+        speed=float(cores * sm_clock_mhz),
+        mig=_nvml_mig_instances(pynvml, handle),
     )
+
+
+def _nvml_mig_instances(pynvml: Any, handle: Any) -> tuple[MigInstance, ...]:
+    try:
+        current_mode, _pending_mode = pynvml.nvmlDeviceGetMigMode(handle)
+    except pynvml.NVMLError:  # NotSupported: a GPU without MIG
+        return ()
+    if current_mode != pynvml.NVML_DEVICE_MIG_ENABLE:
+        return ()
+    instances = []
+    for index in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+        try:
+            mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, index)
+        except pynvml.NVMLError_NotFound:  # an unused slot
+            continue
+        memory = pynvml.nvmlDeviceGetMemoryInfo(mig)
+        instances.append(
+            MigInstance(
+                uuid=_nvml_str(pynvml.nvmlDeviceGetUUID(mig)),
+                gpu_instance_id=int(pynvml.nvmlDeviceGetGpuInstanceId(mig)),
+                compute_instance_id=int(pynvml.nvmlDeviceGetComputeInstanceId(mig)),
+                total_bytes=int(memory.total),
+                free_bytes=int(memory.free),
+            )
+        )
+    return tuple(instances)

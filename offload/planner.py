@@ -54,6 +54,9 @@ KV_PADDING = 256  # llama-context.cpp: n_ctx and each sequence's share are padde
 # quantizing the KV cache costs a little quality; only worth it for a clear speed gain
 KV_QUANTIZATION_MIN_GAIN = 0.05
 UBATCH_SCORE_TOLERANCE = 0.02  # take the smallest micro-batch scoring within this of the best
+# The server's prompt cache (past slot states kept in RAM) gets this share of the RAM the plan leaves: the rest
+# absorbs what the plan does not count (Python's heap, request buffers, allocator slack, other processes).
+PROMPT_CACHE_RAM_FRACTION = 0.5
 
 # --- constants of the speed model -------------------------------------------------------------------------
 GPU_BANDWIDTH_EFFICIENCY = 0.8  # llama.cpp's quantized mat-vec kernels reach ~80% of the memory bandwidth
@@ -182,6 +185,10 @@ class Plan:
     binding_constraint: str
     tradeoffs: tuple[str, ...]
     score: float = field(repr=False)
+    # Host RAM beyond the plan: the CPU's free bytes less the per-slot prompt snapshots of a recurrent model
+    state_snapshot_bytes: int = 0  # RAM the server's per-slot prompt snapshots can take (recurrent models)
+    ram_left_bytes: int = 0  # what is left after weights, KV, recurrent state, compute buffers and snapshots
+    prompt_cache_bytes: int = 0  # the prompt cache's default budget: PROMPT_CACHE_RAM_FRACTION of ram_left_bytes
 
     def device(self, name: str) -> DeviceUsage:
         return next(d for d in self.devices if d.name == name)
@@ -249,6 +256,9 @@ class Plan:
             },
             "binding_constraint": self.binding_constraint,
             "tradeoffs": list(self.tradeoffs),
+            "state_snapshot_bytes": self.state_snapshot_bytes,
+            "ram_left_bytes": self.ram_left_bytes,
+            "prompt_cache_bytes": self.prompt_cache_bytes,
         }
 
 
@@ -293,6 +303,46 @@ def gpu_margin(total_bytes: int, request: PlanRequest) -> int:
 
 def ram_margin(total_bytes: int) -> int:
     return max(RAM_MIN_MARGIN, int(total_bytes * RAM_MARGIN_FRACTION))
+
+
+def state_snapshot_bytes(shape: ModelShape, ctx: int, parallel: int, kv_bytes_per_token: int) -> int:
+    """RAM the server's per-slot prompt snapshots can take. Where llama.cpp cannot cut a sequence back to a
+    prefix (recurrent / hybrid models), each slot keeps a copy of its prompt's state after prefill: at most its
+    whole context of KV plus its recurrent state (llama_state_seq_get_data copies both to the host)."""
+    if not shape.has_recurrent_layers:
+        return 0
+    n_ctx_seq, _ = context_sizes(ctx, parallel)
+    return parallel * (n_ctx_seq * kv_bytes_per_token + shape.recurrent_bytes_per_sequence)
+
+
+def prompt_cache_bytes_for(ram_left_bytes: int) -> int:
+    """The prompt cache's default budget out of the RAM a plan leaves."""
+    return max(0, int(ram_left_bytes * PROMPT_CACHE_RAM_FRACTION))
+
+
+def host_ram_left(
+    shape: ModelShape,
+    *,
+    ram_available_bytes: int,
+    ram_total_bytes: int,
+    ctx: int,
+    parallel: int,
+    kv_bytes_per_token: int,
+) -> int:
+    """RAM left when the whole model, its KV cache, recurrent state and prompt snapshots stay in host RAM,
+    after the process overhead, llama.cpp's output buffer and the RAM margin: what the server's manual path
+    (no --auto-offload) budgets from. It does not know how much a GPU takes, so it assumes nothing does (a
+    lower bound), and it does not replay compute buffers (the margin and PROMPT_CACHE_RAM_FRACTION cover them)."""
+    _, n_ctx = context_sizes(ctx, parallel)
+    used = (
+        shape.total_bytes
+        + n_ctx * kv_bytes_per_token
+        + parallel * shape.recurrent_bytes_per_sequence
+        + state_snapshot_bytes(shape, ctx, parallel, kv_bytes_per_token)
+        + HOST_PROCESS_OVERHEAD
+        + shape.n_vocab * parallel * 4
+    )
+    return max(0, ram_available_bytes - ram_margin(ram_total_bytes) - used)
 
 
 def experts_touched_fraction(n_expert: int, n_expert_used: int, n_tokens: int) -> float:
@@ -967,6 +1017,8 @@ def _to_plan(planner: _Planner, evaluation: _Evaluation, tradeoffs: list[str], o
         counts[placement.output_device] += 1
     tensor_split = tuple(float(c) for c in counts) if planner.n_gpus > 1 else ()
     cores = hardware.cpu.physical_cores
+    snapshots = state_snapshot_bytes(shape, settings.ctx, settings.parallel, shape.kv_bytes_per_token(settings.kv_type))
+    ram_left = max(0, evaluation.devices[-1].free_bytes - snapshots)  # the last device is the host
     return Plan(
         model=request.model_name or shape.name,
         architecture=shape.architecture,
@@ -995,6 +1047,9 @@ def _to_plan(planner: _Planner, evaluation: _Evaluation, tradeoffs: list[str], o
         binding_constraint=_binding_constraint(planner, evaluation),
         tradeoffs=tuple(tradeoffs),
         score=evaluation.score,
+        state_snapshot_bytes=snapshots,
+        ram_left_bytes=ram_left,
+        prompt_cache_bytes=prompt_cache_bytes_for(ram_left),
     )
 
 

@@ -59,6 +59,11 @@ def render_table(result: Plan, shape: ModelShape) -> str:
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+    snapshots = f" (after {_size(result.state_snapshot_bytes)} of prompt snapshots)" * bool(result.state_snapshot_bytes)
+    lines.append(
+        f"RAM left: {_size(result.ram_left_bytes)}{snapshots}; prompt cache {_size(result.prompt_cache_bytes)} "
+        "(--prompt-cache-mib default)"
+    )
     lines.append("")
     by_device: dict[str, list[int]] = {}
     for layer in result.layers:

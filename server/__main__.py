@@ -6,7 +6,7 @@ import logging
 import sys
 
 from registry.models import RegistryError
-from server.settings import Settings, SettingsError, load_settings
+from server.settings import Settings, SettingsError, exposure_error, load_settings
 
 # In-flight requests get this long to finish on SIGTERM/Ctrl-C; then the engine fails what is left.
 GRACEFUL_SHUTDOWN_S = 5
@@ -26,19 +26,28 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    refusal = exposure_error(settings)  # before loading or downloading anything, before binding the port
+    if refusal is not None:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     configure_logging(settings)
 
     import uvicorn
 
     from server.app import create_app
-    from server.boot.loader import resolve_settings_model
+    from server.boot.loader import locate_settings_model
 
     try:
-        model = resolve_settings_model(settings)  # fail fast, before binding the port, on a bad --model
+        # Fail fast, before binding the port, on a --model that can never resolve; a model that only has to
+        # be downloaded downloads in the loader, with the port bound and /health reporting the progress.
+        name, model = locate_settings_model(settings)
     except RegistryError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    logging.getLogger("server").info("model %s: %s", model.name, model.path)
+    if model is None:
+        logging.getLogger("server").info("model %s is not downloaded yet: it downloads now, /health says how far", name)
+    else:
+        logging.getLogger("server").info("model %s: %s", model.name, model.path)
     load_errors: list[str] = []
     server: uvicorn.Server | None = None
 

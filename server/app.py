@@ -1,7 +1,8 @@
 """The FastAPI app: routes, the one error mapping, metrics, and the model's lifecycle.
 
-The model loads in a background thread, so the server answers from the first second: /health says 503
-"loading" until the engine runs, then 200. Everything the app holds hangs off `app.state.server`.
+The model loads (and, on first use, downloads) in a background thread, so the server answers from the first
+second: /health says 503 "downloading" with the bytes done, then "loading", until the engine runs, then 200.
+Everything the app holds hangs off `app.state.server`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from registry.models import load_registry
+from registry.models import RegistryError, load_registry
 from server.api import admin, openai
 from server.api.errors import CatchUnexpectedErrors, install_error_handlers
 from server.api.state import ServerState, app_server_state
@@ -43,10 +44,10 @@ def served_model_id(settings: Settings) -> str:
     return settings.model
 
 
-def _build_engine(settings: Settings) -> Engine:
+def _build_engine(settings: Settings, state: ServerState) -> Engine:
     from server.boot.loader import build_engine  # deferred: it imports llama.cpp, which loads slowly
 
-    return build_engine(settings)
+    return build_engine(settings, observer=state)
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> bool:
@@ -62,7 +63,11 @@ def _load_model(state: ServerState, factory: EngineFactory, loop: asyncio.Abstra
     """The loader thread: build the engine and pick its chat template, then hand both to the event loop."""
     try:
         engine = factory()
-    except Exception as exc:
+    except RegistryError as exc:  # a download or lookup that failed: its message says it all, no traceback
+        log.error("loading the model failed: %s", exc)
+        _on_loop(loop, state.fail, f"{type(exc).__name__}: {exc}")
+        return
+    except Exception as exc:  # anything else llama.cpp or the planner raised: the server reports it, not dies
         log.exception("loading the model failed")
         _on_loop(loop, state.fail, f"{type(exc).__name__}: {exc}")
         return
@@ -105,8 +110,8 @@ def create_app(
     it loads the configured model through llama.cpp. A failed load leaves the app answering 503 (and
     /health says why, as does `app.state.server.load_error`); `on_load_failure(message)`, called on the event
     loop, lets the CLI stop the server instead."""
-    factory = engine_factory or partial(_build_engine, settings)
     state = ServerState(settings, served_model_id(settings), on_load_failure)
+    factory = engine_factory or partial(_build_engine, settings, state)
     app = FastAPI(
         title="qwen3-local",
         summary="OpenAI-compatible server for GGUF models with continuous batching",

@@ -111,7 +111,11 @@ class ChatTemplate:
             )
         except TemplateRaisedError as exc:
             raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from exc
+        except MemoryError:
+            raise  # the server ran out of memory: a 500, never the request's 400 (and never hidden)
         except Exception as exc:  # the template is foreign code: any failure of it is a failure to render
+            # RecursionError stays a 400 on purpose: a template recursing without end on these messages is
+            # the template failing on this request, and the interpreter's stack is intact once it unwinds.
             raise InvalidRequestError(
                 f"The chat template failed on these messages: {type(exc).__name__}: {exc}", param="messages"
             ) from exc

@@ -41,6 +41,16 @@ class _EngineCollector:
             "slots_busy": ("Slots holding a running request.", stats.n_slots_busy),
             "requests_waiting": ("Requests waiting for a free slot.", stats.n_requests_waiting),
             "requests_running": ("Requests holding at least one slot.", stats.n_requests_running),
+            "prompt_cache_bytes": ("Bytes of sequence state the prompt cache holds in RAM.", stats.prompt_cache_bytes),
+            "prompt_cache_budget_bytes": (
+                "Most bytes the prompt cache may hold (--prompt-cache-mib).",
+                stats.prompt_cache_budget_bytes,
+            ),
+            "prompt_cache_entries": ("Sequence states the prompt cache holds.", stats.prompt_cache_entries),
+            "prompt_cache_stash_seconds_per_mib": (
+                "Seconds a stash into the prompt cache takes per MiB on the engine thread (running estimate).",
+                stats.stash_seconds_per_mib,
+            ),
         }
         for name, (documentation, value) in gauges.items():
             yield GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
@@ -53,6 +63,22 @@ class _EngineCollector:
             "engine_steps": ("Engine steps (one llama_decode each).", stats.n_steps),
             "decode_errors": ("Failed llama_decode calls.", stats.n_decode_errors),
             "decode_seconds": ("Seconds spent inside engine steps.", stats.seconds_decoding),
+            "prompt_cache_hits": (
+                "Requests whose prompt prefix was loaded from the prompt cache.",
+                stats.n_prompt_cache_hits,
+            ),
+            "prompt_cache_misses": (
+                "Requests that found no prefix to reuse, in a slot or in the prompt cache.",
+                stats.n_prompt_cache_misses,
+            ),
+            "prompt_cache_evictions": (
+                "Prompt-cache entries dropped, least recently used first, to make room.",
+                stats.n_prompt_cache_evictions,
+            ),
+            "prompt_cache_stashes_skipped": (
+                "Slot states not saved to the prompt cache: larger than it, or too slow to copy while streams run.",
+                stats.n_prompt_cache_stashes_skipped,
+            ),
         }
         for name, (documentation, count) in counters.items():
             yield CounterMetricFamily(f"{PREFIX}_{name}", documentation, value=count)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -40,6 +41,10 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
     api_key: str | None = Field(default=None, description="If set, clients must send `Authorization: Bearer KEY`.")
+    allow_no_auth: bool = Field(
+        default=False,
+        description="Listen on a non-loopback --host without an --api-key (otherwise the server refuses to start).",
+    )
     parallel: int = Field(default=4, ge=1, le=256, description="Slots: sequences decoded together (n_seq_max).")
     ctx_size: int | None = Field(
         default=None,
@@ -58,12 +63,17 @@ class Settings(BaseSettings):
         ge=1,
         description="Token budget of one step: decode tokens of every running slot plus prefill chunks (n_batch).",
     )
-    prompt_cache_entries: int = Field(
-        default=32,
+    prompt_cache_mib: int | None = Field(
+        default=None,
         ge=0,
-        description="Sequence states kept in RAM after their slot is reused, so a later request with the same "
-        "prefix (a returning conversation, a repeated prompt) skips its prefill, like llama-server's --cache-ram. "
-        "Each entry costs its KV (e.g. 23 KB/token for SmolLM2) plus, on Qwen3-Next, 75 MiB of recurrent state.",
+        description="RAM (MiB) for the prompt cache: states of past sequences kept after their slot is reused, so "
+        "a later request with the same prefix (a returning conversation, a repeated prompt) skips its prefill, like "
+        "llama-server's --cache-ram. Least recently used entries go first to stay within it. An entry costs what "
+        "llama.cpp reports for the sequence's state: its KV (e.g. 23 KB/token for SmolLM2) plus, on Qwen3-Next, "
+        "75 MiB of recurrent state (843 MiB at 32k tokens). Default: half the RAM left once the weights, KV cache, "
+        "recurrent state, compute buffers and per-slot snapshots are counted: with --auto-offload the plan's "
+        "(`python -m offload plan`, GET /plan), otherwise available RAM less the whole model file, KV cache, "
+        "recurrent state and snapshots, as if nothing were on a GPU. 0: off.",
     )
     default_top_k: int = Field(
         default=40,
@@ -95,8 +105,8 @@ class Settings(BaseSettings):
         "this machine (see `python -m offload plan`).",
     )
     cache_dir: Path = Field(
-        default=Path(os.path.expanduser("~/.cache/qwen3-local")),
-        description="Where probe verdicts and hardware profiles are cached.",
+        default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen3-local",
+        description="Where probe verdicts and hardware profiles are cached ($XDG_CACHE_HOME/qwen3-local).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
 
@@ -128,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"Every flag can also be set as an environment variable {ENV_PREFIX}<NAME>.",
     )
     for name, field in Settings.model_fields.items():
-        default = field.default
+        default = field.get_default(call_default_factory=True)
         parser.add_argument(
             _flag(name),
             dest=name,
@@ -137,6 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
             **_argument_options(field.annotation),
         )
     return parser
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or "" (all interfaces): reachable from elsewhere
+
+
+def exposure_error(settings: Settings) -> str | None:
+    """One line saying why the server must not start, or None: listening beyond loopback without an API key
+    must be a deliberate choice."""
+    if is_loopback_host(settings.host) or settings.api_key or settings.allow_no_auth:
+        return None
+    return (
+        f"refusing to listen on {settings.host or 'all interfaces'} without an API key: set {ENV_PREFIX}API_KEY "
+        f"(--api-key), or {ENV_PREFIX}ALLOW_NO_AUTH=1 (--allow-no-auth) to serve anyone who can reach the port"
+    )
 
 
 class SettingsError(ValueError):

@@ -18,10 +18,15 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 @health_router.get("/health", response_model=None)
 async def health(request: Request) -> JSONResponse:
-    """200 {"status": "ok"} once the model serves; 503 with an OpenAI error body (and the status) before."""
+    """200 {"status": "ok"} once the model serves; 503 {"status": "downloading", "progress": {"bytes_done",
+    "bytes_total"}} while it downloads; 503 with an OpenAI error body (and the status) otherwise."""
     state = server_state(request)
     if state.status == "ready":
         return JSONResponse({"status": "ok"})
+    if (progress := state.download_progress()) is not None:
+        bytes_done, bytes_total = progress
+        body = {"status": "downloading", "progress": {"bytes_done": bytes_done, "bytes_total": bytes_total}}
+        return JSONResponse(body, status_code=503)
     code = {"loading": "model_loading", "failed": "model_load_failed"}.get(state.status, "shutting_down")
     body = {"status": state.status, **error_body(state.unavailable_reason(), error_type="server_error", code=code)}
     return JSONResponse(body, status_code=503)

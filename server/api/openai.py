@@ -137,24 +137,29 @@ async def _streamed_body(
             raise error
         return [sse_event(chunk) for chunk in chunks.for_event(index, event)]
 
+    # One yield (one socket write) per engine event, and the usage or error event goes out with [DONE]: each
+    # write is a send syscall plus a trip through the ASGI layers, and an event may carry several chunks.
+    tail = b""
     try:
-        for data in encoded(*first):
+        data = b"".join(encoded(*first))
+        if data:
             yield data
         async for index, event in events:
-            for data in encoded(index, event):
+            data = b"".join(encoded(index, event))
+            if data:
                 yield data
         if include_usage:
-            yield sse_event(chunks.usage_chunk(generation.usage()))
+            tail = sse_event(chunks.usage_chunk(generation.usage()))
     except Exception as exc:
         if isinstance(exc, ApiError):
             log.warning("stream %s ended by an error: %s", generation.streams[0].request_id, exc.message)
         else:
             log.exception("unexpected error while streaming %s", generation.streams[0].request_id)
         metrics.stream_errors.inc()
-        yield b"data: " + stream_error_payload(exc) + b"\n\n"
+        tail = b"data: " + stream_error_payload(exc) + b"\n\n"
     finally:
         generation.cancel()
-    yield DONE_EVENT
+    yield tail + DONE_EVENT
 
 
 async def _respond(

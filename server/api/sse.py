@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
 from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
 
 from server.api.errors import ClientDisconnectedError
 
@@ -17,6 +20,13 @@ T = TypeVar("T")
 
 DONE_EVENT = b"data: [DONE]\n\n"
 PING_INTERVAL_S = 15  # keeps proxies from closing a stream that waits in the queue or in a long prefill
+# A send blocks only once the client has left the transport's 64 KiB and the kernel's socket buffers unread
+# (hundreds of tokens). A client that then accepts nothing for this long is gone or stuck: without a limit
+# its request's undelivered events stay in memory for as long as it keeps the connection open, so any
+# number of such clients could pile up output long after their slots were freed.
+SEND_TIMEOUT_S = 120.0
+
+log = logging.getLogger(__name__)
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
@@ -24,11 +34,25 @@ def sse_event(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
+class _EventSource(EventSourceResponse):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except* SendTimeoutError:  # the data send and the ping may both time out: a group of them
+            # sse-starlette has closed the iterator already (its `finally` freed the slots); a stuck client
+            # is no server error, so one line instead of a traceback.
+            log.warning("closing a stream whose client accepted no data for %g s", self.send_timeout)
+
+
 def event_source_response(events: AsyncIterator[bytes]) -> EventSourceResponse:
-    """sse-starlette runs the iterator, pings, and cancels the iterator when the client disconnects (its
-    `finally` blocks then free the request's slots)."""
-    return EventSourceResponse(
-        events, sep="\n", ping=PING_INTERVAL_S, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    """sse-starlette runs the iterator, pings, and cancels the iterator when the client disconnects or
+    stops reading for SEND_TIMEOUT_S (its `finally` blocks then free the request's slots)."""
+    return _EventSource(
+        events,
+        sep="\n",
+        ping=PING_INTERVAL_S,
+        send_timeout=SEND_TIMEOUT_S,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 

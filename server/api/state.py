@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Literal, cast
@@ -25,7 +26,8 @@ class ServerState:
     """The model's lifecycle (loading → ready, or failed) and what the routes need from it.
 
     Mutated only on the event loop thread: the loader thread hands its result over with
-    call_soon_threadsafe.
+    call_soon_threadsafe. The one exception is a download's progress, which the loader thread reports
+    many times a second while the status stays "loading": it sits behind a lock of its own.
     """
 
     def __init__(
@@ -40,6 +42,25 @@ class ServerState:
         self.engine: Engine | None = None
         self.chat_template: ChatTemplate | None = None
         self.metrics = Metrics(self.engine_stats)
+        self._download_lock = threading.Lock()
+        self._download: tuple[int, int] | None = None
+
+    def downloading(self, bytes_done: int, bytes_total: int) -> None:
+        """The loader thread: the model is downloading, this far (bytes over every file)."""
+        with self._download_lock:
+            self._download = (bytes_done, bytes_total)
+
+    def downloaded(self) -> None:
+        """The loader thread: the download is over (verified); loading goes on."""
+        with self._download_lock:
+            self._download = None
+
+    def download_progress(self) -> tuple[int, int] | None:
+        """(bytes_done, bytes_total) while the model downloads; None otherwise."""
+        if self.status != "loading":
+            return None
+        with self._download_lock:
+            return self._download
 
     def engine_stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None and self.status == "ready" else None
@@ -96,6 +117,8 @@ class ServerState:
         raise ServiceUnavailableError(self.unavailable_reason())
 
     def unavailable_reason(self) -> str:
+        if (progress := self.download_progress()) is not None:
+            return f"The model is still downloading ({progress[0]} of {progress[1]} bytes); retry later."
         if self.status == "loading":
             return "The model is still loading; retry shortly."
         if self.status == "failed":

@@ -207,7 +207,8 @@ def _run_probe(command: tuple[str, ...], timeout_s: float) -> tuple[ProbeVerdict
     except (ValueError, KeyError, TypeError):
         return _off(f"the probe child printed no report: {_last_line(completed.stdout)!r}"), False, {}
     verdict = judge_probe_report(models, elapsed_s)
-    return verdict, True, report
+    # A child whose weights landed off the CPU tested the wrong kernels: its "off" is no verdict on this CPU.
+    return verdict, not _off_cpu_buffers(models), report
 
 
 def judge_probe_report(models: Sequence[Mapping[str, Any]], elapsed_s: float) -> ProbeVerdict:
@@ -217,8 +218,7 @@ def judge_probe_report(models: Sequence[Mapping[str, Any]], elapsed_s: float) ->
     worst_diff = 0.0
     for model in models:
         dtype = model.get("dtype", "?")
-        off_cpu = [name for name in model.get("weight_buffers", ()) if not _is_cpu_buffer(str(name))]
-        if off_cpu:
+        if off_cpu := _off_cpu_buffers([model]):
             return _off(f"{dtype}: the probe's weights landed in {', '.join(off_cpu)}, not in CPU buffers")
         diff = float(model.get("max_abs_diff", math.inf))
         tolerance = PROBE_RELATIVE_TOLERANCE * max(1.0, float(model.get("max_abs_logit", 1.0)))
@@ -237,6 +237,11 @@ def judge_probe_report(models: Sequence[Mapping[str, Any]], elapsed_s: float) ->
         f"(max |Δlogit| {worst_diff:.3g})",
         from_cache=False,
     )
+
+
+def _off_cpu_buffers(models: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The weight buffers of the probed models that are not CPU buffers (a GPU build with layers offloaded)."""
+    return [str(name) for model in models for name in model.get("weight_buffers", ()) if not _is_cpu_buffer(str(name))]
 
 
 def _is_cpu_buffer(name: str) -> bool:

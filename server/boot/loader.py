@@ -10,17 +10,30 @@ larger GPU margin instead of ending the server.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import psutil
+
+from bindings.devices import list_devices
 from bindings.llama_backend import LlamaBackend, LlamaBackendConfig, supports_gpu_offload
 from bindings.protocol import BackendError
-from convert.pull import ensure_model
-from offload.gguf_shape import read_model_shape
-from offload.hardware import GIB, detect
+from convert.pull import ensure_model, locate_model
+from offload.gguf_shape import GgufError, KvType, read_model_shape
+from offload.hardware import GIB, MIB, detect
 from offload.placement import placement_for
-from offload.planner import Plan, PlanRequest, plan, replan_with_margin
+from offload.planner import (
+    Plan,
+    PlanRequest,
+    host_ram_left,
+    plan,
+    prompt_cache_bytes_for,
+    ram_margin,
+    replan_with_margin,
+)
 from offload.table import render_table
 from offload.verify import BufferCheck, check, expected_buffers
 from registry.models import ResolvedModel, load_registry
@@ -33,6 +46,15 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_CTX = 8192  # per slot, when neither the user nor models.yaml says
 OOM_RETRIES = 2  # re-plans after a load that ran out of memory, each with 1 GiB more GPU margin
 MEMORY_CHECK_TOLERANCE = 0.02
+DOWNLOAD_LOG_INTERVAL_S = 10.0  # a 45 GiB pull takes minutes to hours: a line every 10 s shows it moving
+
+
+class LoadObserver(Protocol):
+    """Hears how a load goes, from the loader thread (the app's state, which /health reports)."""
+
+    def downloading(self, bytes_done: int, bytes_total: int) -> None: ...
+
+    def downloaded(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -45,19 +67,114 @@ class LoadPlan:
     engine: EngineConfig
 
 
-def resolve_settings_model(settings: Settings) -> ResolvedModel:
-    """The GGUF the settings name (a models.yaml name, or a path), pulled on first use when allowed."""
+def locate_settings_model(settings: Settings) -> tuple[str, ResolvedModel | None]:
+    """(the model's name, its local GGUF), or (name, None) when it is still to be downloaded; never downloads.
+    RegistryError when the name can never resolve here (unknown, or to download while downloads cannot happen):
+    the CLI says so before binding the port."""
     registry = load_registry(settings.models_file)
-    return ensure_model(settings.model or registry.default, allow_download=settings.allow_download, registry=registry)
+    name = settings.model or registry.default
+    return name, locate_model(name, allow_download=settings.allow_download, registry=registry)
 
 
-def engine_config(settings: Settings, n_batch: int) -> EngineConfig:
+class DownloadLog:
+    """A pull's progress callback: tells the observer every report, and logs the first, the last, and one
+    every `interval_s` between them."""
+
+    def __init__(
+        self,
+        name: str,
+        observer: LoadObserver | None = None,
+        *,
+        interval_s: float = DOWNLOAD_LOG_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.started = False
+        self._observer = observer
+        self._interval_s = interval_s
+        self._clock = clock
+        self._logged_at: float | None = None
+        self._logged_complete = False
+
+    def __call__(self, bytes_done: int, bytes_total: int) -> None:
+        self.started = True
+        if self._observer is not None:
+            self._observer.downloading(bytes_done, bytes_total)
+        now = self._clock()
+        complete = bytes_done >= bytes_total
+        due = self._logged_at is None or now - self._logged_at >= self._interval_s
+        if (complete and not self._logged_complete) or (due and not complete):
+            self._logged_at = now
+            self._logged_complete = complete
+            percent = 100 * bytes_done / bytes_total if bytes_total else 100.0
+            log.info(
+                "downloading %s: %.2f of %.2f GB (%.0f%%)", self.name, bytes_done / 1e9, bytes_total / 1e9, percent
+            )
+
+
+def resolve_settings_model(settings: Settings, observer: LoadObserver | None = None) -> ResolvedModel:
+    """The GGUF the settings name (a models.yaml name, or a path), pulled on first use when allowed; the
+    observer hears the download's progress, then that it is over."""
+    registry = load_registry(settings.models_file)
+    name = settings.model or registry.default
+    progress = DownloadLog(name, observer)
+    model = ensure_model(name, allow_download=settings.allow_download, registry=registry, progress=progress)
+    if progress.started:
+        log.info("downloaded %s to %s", name, model.path)
+        if observer is not None:
+            observer.downloaded()
+    return model
+
+
+def engine_config(settings: Settings, n_batch: int, prompt_cache_bytes: int = 0) -> EngineConfig:
     return EngineConfig(
         max_batch_tokens=n_batch,
         max_queue=settings.max_queue,
         request_timeout_s=settings.request_timeout_s,
         prefix_reuse=settings.prefix_reuse,
-        prompt_cache_entries=settings.prompt_cache_entries,
+        prompt_cache_bytes=prompt_cache_bytes,
+    )
+
+
+def prompt_cache_budget(settings: Settings, ram_left_bytes: int) -> dict[str, Any]:
+    """The prompt cache's budget: --prompt-cache-mib when given, else the planner's share of the RAM left; as
+    the load report (GET /plan) shows it."""
+    if settings.prompt_cache_mib is None:
+        budget, source = prompt_cache_bytes_for(ram_left_bytes), "default: half the RAM left"
+    else:
+        budget, source = settings.prompt_cache_mib * MIB, "--prompt-cache-mib"
+        if budget > ram_left_bytes:
+            log.warning(
+                "--prompt-cache-mib %d is more than the %.0f MiB of RAM left after the model: a full cache may "
+                "make the machine swap",
+                settings.prompt_cache_mib,
+                ram_left_bytes / MIB,
+            )
+    log.info("prompt cache: %.0f MiB (%s; %.0f MiB of RAM left)", budget / MIB, source, ram_left_bytes / MIB)
+    return {"bytes": budget, "source": source, "ram_left_bytes": ram_left_bytes}
+
+
+def manual_ram_left(model: ResolvedModel, backend: LlamaBackendConfig) -> int:
+    """RAM left once the model and its memory are loaded on the manual path (offload.planner.host_ram_left:
+    the whole model counted in RAM), from what is available now, before the load."""
+    memory = psutil.virtual_memory()
+    try:
+        shape = read_model_shape(model.path)
+    except GgufError as exc:  # a GGUF the planner cannot read still loads: count its file, not its KV cache
+        log.warning(
+            "cannot size %s's KV cache for the prompt cache's default (%s): counting the file only", model.path, exc
+        )
+        return max(0, memory.available - ram_margin(memory.total) - Path(model.path).stat().st_size)
+    return host_ram_left(
+        shape,
+        ram_available_bytes=memory.available,
+        ram_total_bytes=memory.total,
+        ctx=backend.n_ctx_per_slot,
+        parallel=backend.n_slots,
+        # the planner never picks an f32 cache, so KvType has none: twice f16's bytes
+        kv_bytes_per_token=shape.kv_bytes_per_token(KvType.F16) * 2
+        if backend.type_k == "f32"
+        else shape.kv_bytes_per_token(KvType(backend.type_k)),
     )
 
 
@@ -93,21 +210,23 @@ def offload_backend_config(offload_plan: Plan, verdict: ProbeVerdict) -> LlamaBa
     return LlamaBackendConfig(**kwargs)
 
 
-def build_engine(settings: Settings) -> Engine:
-    """Resolve, probe, (plan,) load. Slow (seconds to minutes): the app runs it off the event loop."""
-    model = resolve_settings_model(settings)
+def build_engine(settings: Settings, observer: LoadObserver | None = None) -> Engine:
+    """Resolve (download), probe, (plan,) load. Slow (seconds to hours): the app runs it off the event loop."""
+    model = resolve_settings_model(settings, observer)
     verdict = resolve_use_extra_bufts(settings.extra_bufts, cache_dir=settings.cache_dir)
     log.info("extra buffer types: %s (%s)", "on" if verdict.use_extra_bufts else "off", verdict.reason)
     served_name = settings.served_model_name or model.name
     report: dict[str, Any] = {"model": served_name, "path": str(model.path), "extra_bufts": asdict(verdict)}
     if settings.auto_offload:
-        backend, n_batch = _load_with_plan(settings, model, verdict, served_name, report)
-        engine = engine_config(settings, n_batch)
+        backend, offload_plan = _load_with_plan(settings, model, verdict, served_name, report)
+        report["prompt_cache"] = prompt_cache_budget(settings, offload_plan.ram_left_bytes)
+        engine = engine_config(settings, offload_plan.n_batch, report["prompt_cache"]["bytes"])
     else:
         load = plan_load(settings, model, use_extra_bufts=verdict.use_extra_bufts)
+        report["prompt_cache"] = prompt_cache_budget(settings, manual_ram_left(load.model, load.backend))
         log.info("loading %s from %s", load.served_name, load.model.path)
         backend = LlamaBackend(Path(load.model.path), load.backend, name=load.served_name)
-        engine = load.engine
+        engine = replace(load.engine, prompt_cache_bytes=report["prompt_cache"]["bytes"])
     info = backend.info
     log.info(
         "loaded %s (%s): %d slots × %d tokens of context, %d tokens per step",
@@ -122,9 +241,12 @@ def build_engine(settings: Settings) -> Engine:
 
 def _load_with_plan(
     settings: Settings, model: ResolvedModel, verdict: ProbeVerdict, served_name: str, report: dict[str, Any]
-) -> tuple[LlamaBackend, int]:
+) -> tuple[LlamaBackend, Plan]:
     shape = read_model_shape(model.path)
-    hardware = detect(cache_path=settings.cache_dir / "hardware.json", with_gpus=supports_gpu_offload())
+    with_gpus = supports_gpu_offload()
+    # llama.cpp's own registry names the GPUs it will use, in its order, with free memory as CUDA sees it
+    devices = list_devices() if with_gpus else None
+    hardware = detect(cache_path=settings.cache_dir / "hardware.json", with_gpus=with_gpus, backend_devices=devices)
     request = PlanRequest(ctx=settings.ctx_size, parallel=settings.parallel, model_name=served_name)
     offload_plan = plan(shape, hardware, request)
     for attempt in range(OOM_RETRIES + 1):
@@ -143,7 +265,7 @@ def _load_with_plan(
         _log_memory_checks(checks)
         report["plan"] = offload_plan.to_json()
         report["memory_check"] = [_check_json(c) for c in checks]
-        return backend, offload_plan.n_batch
+        return backend, offload_plan
     raise AssertionError("unreachable: the last attempt either returns or raises")
 
 

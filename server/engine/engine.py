@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bindings.protocol import Backend, BackendError, ModelInfo, SampledToken, SamplingParams, Vocab
+from bindings.protocol import Backend, BackendError, CacheOp, ModelInfo, SampledToken, SamplingParams, Vocab
 from server.engine.request import Request, TokenEvent
 from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from server.engine.sequence import Sequence, StepEvent
@@ -36,7 +36,7 @@ class EngineConfig:
     request_timeout_s: float | None = 600.0
     prefix_reuse: bool = True
     snapshot_min_tokens: int = 16  # smallest state worth saving (recurrent prompt snapshots, prompt cache)
-    prompt_cache_entries: int = 0  # past slot states kept in RAM for later requests with the same prefix
+    prompt_cache_bytes: int = 0  # RAM for past slot states kept for later requests with the same prefix (0: off)
     idle_poll_s: float = 0.5  # how often an idle engine thread re-checks deadlines
 
 
@@ -65,6 +65,14 @@ class EngineStats:
     n_steps: int
     n_decode_errors: int
     seconds_decoding: float
+    prompt_cache_budget_bytes: int = 0
+    prompt_cache_bytes: int = 0
+    prompt_cache_entries: int = 0
+    n_prompt_cache_hits: int = 0
+    n_prompt_cache_misses: int = 0
+    n_prompt_cache_evictions: int = 0
+    n_prompt_cache_stashes_skipped: int = 0
+    stash_seconds_per_mib: float = 0.0  # what a stash costs on the engine thread, as measured (running estimate)
 
 
 @dataclass(frozen=True)
@@ -133,9 +141,10 @@ class Engine:
                 supports_partial_removal=info.supports_partial_removal,
                 prefix_reuse=self.config.prefix_reuse,
                 snapshot_min_tokens=self.config.snapshot_min_tokens,
-                prompt_cache_entries=self.config.prompt_cache_entries if self.config.prefix_reuse else 0,
+                prompt_cache_bytes=self.config.prompt_cache_bytes if self.config.prefix_reuse else 0,
             ),
             backend,
+            backend.state_size,
         )
         self._inbox: queue.SimpleQueue[_Submit | _Cancel | None] = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -221,6 +230,14 @@ class Engine:
                 n_steps=self._n_steps,
                 n_decode_errors=self._n_decode_errors,
                 seconds_decoding=self._seconds_decoding,
+                prompt_cache_budget_bytes=self._scheduler.config.prompt_cache_bytes,
+                prompt_cache_bytes=counters.prompt_cache_bytes,
+                prompt_cache_entries=counters.prompt_cache_entries,
+                n_prompt_cache_hits=counters.n_prompt_cache_hits,
+                n_prompt_cache_misses=counters.n_prompt_cache_misses,
+                n_prompt_cache_evictions=counters.n_prompt_cache_evictions,
+                n_prompt_cache_stashes_skipped=counters.n_prompt_cache_stashes_skipped,
+                stash_seconds_per_mib=self._scheduler.stash_seconds_per_byte * (1 << 20),
             )
 
     def _validate(self, request: Request) -> None:
@@ -294,13 +311,16 @@ class Engine:
             self._backend.new_sampler(seq.seq_id, _sampler_params(seq))
         started = time.perf_counter()
         try:
-            self._backend.apply(plan.ops)
+            self._apply(plan)
             if not plan.entries:
-                return []
+                return self._scheduler.commit(plan, {})
+            decode_started = time.perf_counter()
             self._backend.decode(plan.entries)
             sampled: dict[int, SampledToken] = {
                 seq.seq_id: self._backend.sample(seq.seq_id, index, seq.request.params) for seq, index in plan.samples
             }
+            if all(len(entry.tokens) == 1 for entry in plan.entries):  # a pure decode step: what a stash stalls
+                self._scheduler.observe_step(time.perf_counter() - decode_started)
         except BackendError as exc:
             log.error("decode of %d tokens failed: %s", plan.n_tokens, exc)
             with self._lock:
@@ -312,6 +332,22 @@ class Engine:
                 self._n_steps += 1
                 self._seconds_decoding += elapsed
         return self._scheduler.commit(plan, sampled)
+
+    def _apply(self, plan: StepPlan) -> None:
+        """The plan's memory ops, in order; each stash is timed, so the scheduler knows what the next costs."""
+        pending: list[CacheOp] = []
+        for op in plan.ops:
+            if op.kind != "stash":
+                pending.append(op)
+                continue
+            if pending:
+                self._backend.apply(pending)
+                pending = []
+            started = time.perf_counter()
+            self._backend.apply([op])
+            self._scheduler.observe_stash(op.n_bytes, time.perf_counter() - started)
+        if pending:
+            self._backend.apply(pending)
 
     def _drain_inbox(self) -> list[StepEvent]:
         events: list[StepEvent] = []

@@ -4,7 +4,8 @@ Vocabulary: token ids 0..255 are the bytes, then a few control tokens. The "mode
 from a hash of the last tokens of the slot's sequence and their position, so a sequence's output depends
 only on its own tokens — never on what else shares the batch — exactly the property the real engine must
 keep. The fake also checks what the scheduler asks of it (positions must continue the slot's memory,
-truncation only where supported) and can inject failures and delays.
+truncation only where supported), models what a slot's state takes in bytes (a fixed recurrent part plus a KV
+part per token, like llama_state_seq_get_size), and can inject failures (decode, any memory op) and delays.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class FakeBackendConfig:
     chat_template: str | None = CHATML_TEMPLATE
     step_delay_s: float = 0.0  # sleep inside each decode, to make concurrency observable
     fail_on_token: int | None = None  # decode raises DecodeError when a batch contains this token
+    failing_ops: frozenset[str] = frozenset()  # memory-op kinds ("load", "stash", ...) that raise BackendError
+    state_bytes_per_token: int = 1024  # a slot's state: this much KV per cached token ...
+    state_bytes_fixed: int = 0  # ... plus this much recurrent state (Qwen3-Next: 75 MiB at any length)
     eos_logit: float = -2.0  # how likely the model is to end on its own (greedy: only with logit_bias)
     name: str = "fake-model"
 
@@ -61,6 +65,7 @@ class FakeBackend:
         self._slots = [_Slot() for _ in range(self.config.n_slots)]
         self._snapshots: dict[int, list[int]] = {}
         self._stashed: dict[int, list[int]] = {}  # the prompt cache: entry id → tokens
+        self.failing_ops: set[str] = set(self.config.failing_ops)  # tests may change it between steps
         self._samplers: dict[int, np.random.Generator] = {}
         self._penalty_history: dict[int, list[int]] = {}
         self._logits: np.ndarray = np.zeros((0, N_VOCAB), dtype=np.float32)
@@ -115,6 +120,10 @@ class FakeBackend:
         for op in ops:
             self.ops.append(op)
             slot = self._slots[op.slot]
+            if op.kind in self.failing_ops:
+                if op.kind == "stash":
+                    self._stashed.pop(op.entry, None)  # as llama_backend: a half-written entry is not kept
+                raise BackendError(f"injected {op.kind} failure")
             if op.kind == "clear":
                 slot.tokens = []
             elif op.kind == "truncate":
@@ -130,6 +139,9 @@ class FakeBackend:
             elif op.kind == "copy":
                 slot.tokens = list(self._slots[op.src].tokens)
             elif op.kind == "stash":
+                actual = self._state_bytes(len(slot.tokens))
+                if op.n_bytes and op.n_bytes != actual:  # the scheduler sized it from another state than this
+                    raise BackendError(f"stash of slot {op.slot}: budgeted {op.n_bytes} bytes, the state has {actual}")
                 self._stashed[op.entry] = list(slot.tokens)
             elif op.kind == "load":
                 if op.entry not in self._stashed:
@@ -140,8 +152,20 @@ class FakeBackend:
             else:
                 raise BackendError(f"unknown cache op {op.kind!r}")
 
+    def state_size(self, slot: int) -> int:
+        return self._state_bytes(len(self._slots[slot].tokens))
+
+    def _state_bytes(self, n_tokens: int) -> int:
+        return self.config.state_bytes_fixed + self.config.state_bytes_per_token * n_tokens
+
     def n_stashed(self) -> int:
         return len(self._stashed)
+
+    def stashed_entry_ids(self) -> set[int]:
+        return set(self._stashed)
+
+    def stashed_bytes(self) -> int:
+        return sum(self._state_bytes(len(tokens)) for tokens in self._stashed.values())
 
     def slot_tokens(self, slot: int) -> list[int]:
         return list(self._slots[slot].tokens)

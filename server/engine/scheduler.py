@@ -6,12 +6,19 @@ Decode tokens of running slots go first (one each), then prompt chunks of prefil
 the token budget, oldest request first, so a long prompt never stalls running streams. Entries are ordered by
 slot index, and a new request takes the free slot with the longest reusable prefix, else the lowest free one:
 llama.cpp keeps a batch as one pass only when its sequence ids ascend (see the facts notes: −33% otherwise).
+
+The prompt cache keeps past slot states in RAM, bounded in bytes and evicted least recently used first. An
+entry's size is what the backend says the slot's state takes (`state_size`, asked just before the stash). A
+stash copies the whole state on the engine thread, so every running stream waits for it: a 32k-context
+Qwen3-Next entry (843 MiB) takes ~400 ms, 4-10 decode steps of the 80B (bench/stash_cost.py). So slots are
+stashed while the engine is idle (one per step, so a new request waits for one stash at most), and under load
+a stash predicted to stall the running streams for more than one decode step is skipped and counted.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bindings.protocol import BatchEntry, CacheOp, SampledToken, TokenLogprob, Vocab
@@ -27,11 +34,18 @@ class SchedulerConfig:
     supports_partial_removal: bool = True
     prefix_reuse: bool = True
     snapshot_min_tokens: int = 16  # smallest state worth saving (prompt snapshots, prompt-cache entries)
-    prompt_cache_entries: int = 0  # states of past sequences kept in RAM for reuse by later requests (0: off)
+    prompt_cache_bytes: int = 0  # RAM for states of past sequences kept for reuse by later requests (0: off)
+    # What a stash costs before the engine has timed one (bench/stash_cost.py: 0.45-0.7 ms/MiB into a fresh
+    # buffer on the 2-core development machine); the engine's measurements replace it.
+    stash_seconds_per_mib: float = 0.6e-3
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < self.n_slots:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= n_slots ({self.n_slots})")
+        if self.prompt_cache_bytes < 0:
+            raise ValueError(f"prompt_cache_bytes must be >= 0, got {self.prompt_cache_bytes}")
+        if self.stash_seconds_per_mib <= 0:
+            raise ValueError(f"stash_seconds_per_mib must be > 0, got {self.stash_seconds_per_mib}")
 
 
 @dataclass
@@ -58,6 +72,27 @@ class SchedulerCounters:
     n_generated_tokens: int = 0
     n_requests_finished: int = 0
     n_requests_failed: int = 0
+    prompt_cache_bytes: int = 0  # bytes of the entries the prompt cache holds now
+    prompt_cache_entries: int = 0  # entries it holds now
+    n_prompt_cache_hits: int = 0  # requests whose prompt prefix was loaded from the prompt cache
+    n_prompt_cache_misses: int = 0  # requests that found no prefix to reuse, in a slot or in the cache
+    n_prompt_cache_evictions: int = 0  # entries dropped, least recently used first, to make room
+    n_prompt_cache_stashes_skipped: int = 0  # slot states lost unsaved: larger than the cache, or too slow to copy
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    entry_id: int  # the backend's name for it
+    n_bytes: int  # what the backend reported the slot's state took when it was stashed
+
+
+MIB = 1 << 20
+# Under load, a stash may stall the running streams for at most this many decode steps.
+MAX_STASH_STALL_STEPS = 1.0
+# Stashes smaller than this say little about the copy rate of big ones: they reuse memory the allocator
+# already holds, where a big one gets fresh pages (0.05 against 0.45 ms/MiB in bench/stash_cost.py).
+MIN_TIMED_STASH_BYTES = 16 * MIB
+COST_SMOOTHING = 0.3  # weight of a new measurement in the running estimates of stash and step times
 
 
 def common_prefix_length(a: Iterable[int], b: Iterable[int]) -> int:
@@ -70,17 +105,27 @@ def common_prefix_length(a: Iterable[int], b: Iterable[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, vocab: Vocab) -> None:
+    def __init__(self, config: SchedulerConfig, vocab: Vocab, state_size: Callable[[int], int] | None = None) -> None:
+        """`state_size(slot)`: bytes of a slot's state (Backend.state_size); needed when the prompt cache is on."""
+        if config.prompt_cache_bytes and state_size is None:
+            raise ValueError("a prompt cache (prompt_cache_bytes > 0) needs state_size to know what entries cost")
         self.config = config
         self._vocab = vocab
+        self._state_size = state_size
         self.slots = [Slot(index=i) for i in range(config.n_slots)]
         self._waiting: deque[list[Sequence]] = deque()  # one entry per request: its choices
         self._requests: dict[str, list[Sequence]] = {}  # every unfinished request, waiting or running
         self._fork_sources: dict[int, int] = {}  # child slot → parent slot, copied at the next step
         self._slots_to_clear: set[int] = set()
         # The prompt cache: what slots held before new requests overwrote them, least recently used first.
-        self._prompt_cache: OrderedDict[tuple[int, ...], int] = OrderedDict()  # tokens → backend entry id
+        self._prompt_cache: OrderedDict[tuple[int, ...], CacheEntry] = OrderedDict()
         self._next_entry_id = 0
+        # Entries the backend may still hold although the index forgot them (their step failed): dropped next step.
+        self._pending_drops: set[int] = set()
+        self._in_flight: StepPlan | None = None  # the plan schedule() returned and commit()/fail() has not seen
+        self._streams_running = False  # a sequence held a slot when this step began: a stash would stall it
+        self.stash_seconds_per_byte = config.stash_seconds_per_mib / MIB
+        self.step_seconds: float | None = None  # a decode step's time, as the engine measures it
         self.counters = SchedulerCounters()
 
     # --- queries ---------------------------------------------------------------------------------
@@ -98,7 +143,23 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._requests) or bool(self._slots_to_clear)
+        return bool(self._requests) or bool(self._slots_to_clear) or bool(self._pending_drops)
+
+    def prompt_cache_entry_ids(self) -> set[int]:
+        """The backend entries the prompt cache's index refers to."""
+        return {entry.entry_id for entry in self._prompt_cache.values()}
+
+    # --- cost model (fed by the engine's measurements) --------------------------------------------------
+    def observe_stash(self, n_bytes: int, seconds: float) -> None:
+        """A stash of n_bytes took `seconds` on the engine thread."""
+        if n_bytes >= MIN_TIMED_STASH_BYTES:
+            rate = seconds / n_bytes
+            self.stash_seconds_per_byte += COST_SMOOTHING * (rate - self.stash_seconds_per_byte)
+
+    def observe_step(self, seconds: float) -> None:
+        """A decode step (one token per running slot, no prefill) took `seconds`."""
+        previous = self.step_seconds
+        self.step_seconds = seconds if previous is None else previous + COST_SMOOTHING * (seconds - previous)
 
     def deadlines(self) -> list[float]:
         return [seqs[0].request.deadline for seqs in self._requests.values() if seqs[0].request.deadline]
@@ -124,33 +185,49 @@ class Scheduler:
         return events
 
     def fail_all(self, message: str) -> list[StepEvent]:
-        """Fail every unfinished request and forget every slot's memory (after an unexpected error)."""
+        """Fail every unfinished request and forget every slot's memory and the prompt cache (after an
+        unexpected error, nothing the books say about the backend's memory can be trusted)."""
         events: list[StepEvent] = []
         for request_id in list(self._requests):
             events += self._finish_request(request_id, FinishReason.ERROR, message)
         for slot in self.slots:
             self._forget_slot(slot.index)
+        if self._in_flight is not None:
+            self._forget_plan_entries(self._in_flight)
+            self._in_flight = None
+        # Every entry the backend may hold is dropped at the next step, so none is orphaned there.
+        self._pending_drops |= self.prompt_cache_entry_ids()
+        self._prompt_cache.clear()
+        self._count_cache()
         return events
 
     # --- one step --------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         plan = StepPlan()
+        self._streams_running = any(not slot.free for slot in self.slots)
         self._plan_pending_memory_ops(plan)
         self._admit(plan)
         budget = self.config.max_batch_tokens
         budget -= self._plan_decodes(plan)
         self._plan_prefills(plan, budget)
         self._order_batch(plan)
+        if plan.empty and not self._requests:
+            self._stash_an_idle_slot(plan)
+        self._in_flight = plan
         return plan
 
     def commit(self, plan: StepPlan, sampled: Mapping[int, SampledToken]) -> list[StepEvent]:
-        """Record a decoded batch and the tokens sampled from it; return what each sequence produced."""
+        """Record a decoded batch (or a step of memory ops only) and the tokens sampled from it; return what
+        each sequence produced."""
+        self._in_flight = None
         for entry, seq in zip(plan.entries, plan.entry_sequences, strict=True):
             self._record_decoded(entry, seq)
         return [self._accept(seq, sampled[seq.seq_id]) for seq, _ in plan.samples]
 
     def fail(self, plan: StepPlan, message: str) -> list[StepEvent]:
-        """The decode (or a memory op) of this plan failed: fail its requests, forget their slots' memory."""
+        """The decode (or a memory op) of this plan failed: fail its requests, forget their slots' memory and
+        the prompt-cache entries the plan stashed, loaded or dropped (the backend may hold them or not)."""
+        self._in_flight = None
         affected = {seq.request.request_id for seq in plan.entry_sequences}
         affected |= {seq.request.request_id for seq, _ in plan.samples}
         affected |= {seq.request.request_id for seq in plan.admitted}
@@ -163,16 +240,29 @@ class Scheduler:
             self._forget_slot(entry.slot)
         for op in slot_ops:
             self._forget_slot(op.slot)
-        failed_stashes = {op.entry for op in plan.ops if op.kind == "stash"}
-        for tokens in [t for t, entry in self._prompt_cache.items() if entry in failed_stashes]:
-            del self._prompt_cache[tokens]
+        self._forget_plan_entries(plan)
         events: list[StepEvent] = []
         for request_id in affected:
             events += self._finish_request(request_id, FinishReason.ERROR, message)
         return events
 
+    def _forget_plan_entries(self, plan: StepPlan) -> None:
+        """A step failed somewhere in its ops or its decode: which of its stashes, loads and drops reached the
+        backend is unknown. Its stashes and loads leave the index (a load that failed would fail again for
+        every later request with that prefix, which then prefills cold instead) and, with its drops, are
+        dropped again at the next step: dropping is idempotent, so the backend ends up holding exactly the
+        entries the index knows."""
+        touched = {op.entry for op in plan.ops if op.kind in ("stash", "load", "drop")}
+        for tokens in [t for t, entry in self._prompt_cache.items() if entry.entry_id in touched]:
+            del self._prompt_cache[tokens]
+        self._pending_drops |= touched
+        self._count_cache()
+
     # --- planning helpers ------------------------------------------------------------------------
     def _plan_pending_memory_ops(self, plan: StepPlan) -> None:
+        for entry_id in sorted(self._pending_drops):
+            plan.ops.append(CacheOp("drop", 0, entry=entry_id))
+        self._pending_drops.clear()
         for index in sorted(self._slots_to_clear):
             plan.ops.append(CacheOp("clear", index))
         self._slots_to_clear.clear()
@@ -196,7 +286,10 @@ class Scheduler:
             cached = self._best_cache_entry(parent.prompt)
             if cached is not None and cached[1] > max(n_reuse, self.config.snapshot_min_tokens - 1):
                 n_reuse = self._load_cache_entry(plan, parent_slot, *cached)
+                self.counters.n_prompt_cache_hits += 1
             else:
+                if n_reuse == 0 and self.config.prompt_cache_bytes:
+                    self.counters.n_prompt_cache_misses += 1
                 if n_reuse < len(parent_slot.cached_tokens):
                     self._stash(plan, parent_slot)  # about to lose what the slot holds: keep it in RAM
                 if op is not None:
@@ -262,33 +355,73 @@ class Scheduler:
         """Fill `slot` from the prompt cache (keeping its old contents there first); return tokens reused."""
         entry = self._prompt_cache[tokens]
         self._prompt_cache.move_to_end(tokens)
-        self._stash(plan, slot, evict=False)  # evicting now could drop the very entry about to be loaded
-        plan.ops.append(CacheOp("load", slot.index, entry=entry))
-        self._evict(plan, slot)
+        self._stash(plan, slot, keep=tokens)  # making room must not drop the very entry about to be loaded
+        plan.ops.append(CacheOp("load", slot.index, entry=entry.entry_id))
         slot.cached_tokens = list(tokens)
         if n_reuse < len(tokens):  # only where partial removal works (see _best_cache_entry)
             plan.ops.append(CacheOp("truncate", slot.index, n_keep=n_reuse))
             del slot.cached_tokens[n_reuse:]
         return n_reuse
 
-    def _stash(self, plan: StepPlan, slot: Slot, *, evict: bool = True) -> None:
-        """Save what `slot` holds into the prompt cache before it is overwritten, evicting the LRU entry."""
+    def _stash(self, plan: StepPlan, slot: Slot, *, keep: tuple[int, ...] | None = None, idle: bool = False) -> bool:
+        """Save what `slot` holds into the prompt cache before it is overwritten, first dropping least recently
+        used entries (never `keep`) until it fits; True when the slot's contents are in the cache afterwards.
+
+        Skipped (and counted) when the state is larger than the whole cache, when it cannot fit beside `keep`,
+        and, unless `idle`, when streams are running and copying it would stall them for more than a step."""
         tokens = tuple(slot.cached_tokens)
-        if not self.config.prompt_cache_entries or len(tokens) < self.config.snapshot_min_tokens:
-            return
+        budget = self.config.prompt_cache_bytes
+        if not budget or len(tokens) < self.config.snapshot_min_tokens:
+            return False
         if tokens in self._prompt_cache:
             self._prompt_cache.move_to_end(tokens)
-            return
-        self._prompt_cache[tokens] = self._next_entry_id
-        plan.ops.append(CacheOp("stash", slot.index, entry=self._next_entry_id))
+            return True
+        assert self._state_size is not None  # checked in __init__
+        n_bytes = self._state_size(slot.index)
+        kept_bytes = self._prompt_cache[keep].n_bytes if keep is not None else 0
+        if n_bytes + kept_bytes > budget or (not idle and self._stash_would_stall(n_bytes)):
+            self.counters.n_prompt_cache_stashes_skipped += 1
+            return False
+        self._make_room(plan, n_bytes, keep)
+        entry = CacheEntry(self._next_entry_id, n_bytes)
         self._next_entry_id += 1
-        if evict:
-            self._evict(plan, slot)
+        self._prompt_cache[tokens] = entry
+        plan.ops.append(CacheOp("stash", slot.index, entry=entry.entry_id, n_bytes=n_bytes))
+        self._count_cache()
+        return True
 
-    def _evict(self, plan: StepPlan, slot: Slot) -> None:
-        while len(self._prompt_cache) > self.config.prompt_cache_entries:
-            _, evicted = self._prompt_cache.popitem(last=False)
-            plan.ops.append(CacheOp("drop", slot.index, entry=evicted))
+    def _stash_would_stall(self, n_bytes: int) -> bool:
+        if not self._streams_running or self.step_seconds is None:
+            return False  # nobody is waiting for this step, or no decode step has been timed yet
+        return n_bytes * self.stash_seconds_per_byte > MAX_STASH_STALL_STEPS * self.step_seconds
+
+    def _make_room(self, plan: StepPlan, n_bytes: int, keep: tuple[int, ...] | None) -> None:
+        """Drop least recently used entries until n_bytes more fit. The drops come before the stash in the
+        plan, so the backend never holds more than the budget."""
+        budget = self.config.prompt_cache_bytes
+        while self.counters.prompt_cache_bytes + n_bytes > budget:
+            tokens = next(t for t in self._prompt_cache if t != keep)
+            evicted = self._prompt_cache.pop(tokens)
+            plan.ops.append(CacheOp("drop", 0, entry=evicted.entry_id))
+            self.counters.n_prompt_cache_evictions += 1
+            self._count_cache()
+
+    def _count_cache(self) -> None:
+        self.counters.prompt_cache_entries = len(self._prompt_cache)
+        self.counters.prompt_cache_bytes = sum(entry.n_bytes for entry in self._prompt_cache.values())
+
+    def _stash_an_idle_slot(self, plan: StepPlan) -> None:
+        """With nothing else to do, save one free slot's contents that the cache lacks: a later request that
+        takes the slot finds them saved and needs no stash while other streams wait (one per step, so a
+        request arriving now waits for at most one stash)."""
+        for slot in self.slots:
+            tokens = slot.cached_tokens
+            if len(tokens) >= self.config.snapshot_min_tokens and tuple(tokens) not in self._prompt_cache:
+                n_skipped = self.counters.n_prompt_cache_stashes_skipped
+                if self._stash(plan, slot, idle=True):
+                    return
+                # too big for the cache: not a loss (the slot still holds it), and it would be re-counted each poll
+                self.counters.n_prompt_cache_stashes_skipped = n_skipped
 
     def _apply_reuse_bookkeeping(self, slot: Slot, n_reuse: int, op: CacheOp | None) -> None:
         if op is not None and op.kind == "restore":

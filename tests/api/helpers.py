@@ -109,9 +109,9 @@ class RawExchange:
         await asyncio.wait_for(self.task, timeout=10)
 
 
-async def raw_post(app: FastAPI, path: str, payload: dict[str, Any]) -> RawExchange:
-    body = json.dumps(payload).encode()
-    scope = {
+def post_scope(path: str, body: bytes) -> dict[str, Any]:
+    """The ASGI scope of a JSON POST from a client on 127.0.0.1."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -129,6 +129,11 @@ async def raw_post(app: FastAPI, path: str, payload: dict[str, Any]) -> RawExcha
         "client": ("127.0.0.1", 50000),
         "server": ("testserver", 80),
     }
+
+
+async def raw_post(app: FastAPI, path: str, payload: dict[str, Any]) -> RawExchange:
+    body = json.dumps(payload).encode()
+    scope = post_scope(path, body)
     sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     disconnected = asyncio.Event()
     body_delivered = False

@@ -55,6 +55,47 @@ async def test_health_is_503_while_loading_then_200() -> None:
     assert backend.closed  # shutdown stopped the engine
 
 
+async def test_health_reports_a_download_then_loading_then_ready() -> None:
+    backend = FakeBackend()
+    reached = [threading.Event() for _ in range(3)]
+    go_on = [threading.Event() for _ in range(3)]
+
+    def downloading_factory() -> Engine:  # what build_engine tells the state, step by step
+        state = app_server_state(app)
+        for bytes_done, step in ((0, 0), (600, 1)):
+            state.downloading(bytes_done, 1000)
+            reached[step].set()
+            assert go_on[step].wait(timeout=30)
+        state.downloaded()
+        reached[2].set()
+        assert go_on[2].wait(timeout=30)
+        return Engine(backend, EngineConfig())
+
+    app = create_app(Settings(served_model_name=MODEL), engine_factory=downloading_factory)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        for step, bytes_done in ((0, 0), (1, 600)):
+            await wait_for(reached[step].is_set)
+            response = await client.get("/health")
+            assert response.status_code == 503
+            progress = {"bytes_done": bytes_done, "bytes_total": 1000}
+            assert response.json() == {"status": "downloading", "progress": progress}
+            chat = await client.post("/v1/chat/completions", json={"messages": HI})
+            message = assert_openai_error(chat, 503, code="unavailable")["message"]
+            assert f"still downloading ({bytes_done} of 1000 bytes)" in message
+            go_on[step].set()
+
+        await wait_for(reached[2].is_set)
+        loading = await client.get("/health")
+        assert loading.json()["status"] == "loading"
+        assert_openai_error(loading, 503, code="model_loading")
+        go_on[2].set()
+        await wait_for(lambda: app_server_state(app).status == "ready")
+        assert (await client.get("/health")).json() == {"status": "ok"}
+
+
 async def test_failed_load_is_reported_by_health() -> None:
     def failing_factory() -> Engine:
         raise OSError("model file is truncated")
@@ -96,6 +137,15 @@ async def test_chat_template_override_file(tmp_path: Path) -> None:
     async with serve(chat_template=str(template)) as served:
         response = await served.client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 1})
         assert response.json()["usage"]["prompt_tokens"] == len("hi#")
+
+
+async def test_template_out_of_memory_is_a_500_not_a_400(tmp_path: Path) -> None:
+    template = tmp_path / "huge.jinja"
+    template.write_text("{{ 'x' * 2**62 }}")  # a real MemoryError: 4 EiB is refused before any allocation
+    async with serve(chat_template=str(template)) as served:
+        response = await served.client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 1})
+        assert_openai_error(response, 500, code="internal_error")
+        assert (await served.client.get("/health")).status_code == 200  # the server keeps serving
 
 
 async def test_broken_override_template_fails_the_load(tmp_path: Path) -> None:

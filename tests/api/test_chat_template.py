@@ -96,6 +96,21 @@ def test_runtime_failure_of_the_template_is_a_request_error() -> None:
         ChatTemplate("{{ messages[0]['content'] + 1 }}").render([{"role": "user", "content": "x"}])
 
 
+# 'x' * 2**62 asks for 4 EiB: CPython raises a real MemoryError at once, without touching memory.
+OUT_OF_MEMORY_TEMPLATE = "{{ 'x' * 2**62 }}"
+
+
+def test_out_of_memory_in_the_template_is_not_a_request_error() -> None:
+    with pytest.raises(MemoryError):
+        ChatTemplate(OUT_OF_MEMORY_TEMPLATE).render([{"role": "user", "content": "x"}])
+
+
+def test_endless_recursion_in_the_template_is_a_request_error() -> None:
+    template = ChatTemplate("{% macro down(n) %}{{ down(n + 1) }}{% endmacro %}{{ down(0) }}")
+    with pytest.raises(InvalidRequestError, match="RecursionError"):
+        template.render([{"role": "user", "content": "x"}])
+
+
 @dataclass
 class RecordingVocab:
     """A vocab that records how it was asked to tokenize."""

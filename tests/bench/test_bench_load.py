@@ -28,7 +28,7 @@ from bench.load import (
     result_from_tally,
     run_load,
 )
-from bench.stats import report_to_json, validate_report_json
+from bench.stats import report_to_json, summarize_level, validate_report_json
 
 
 def _chunk(content: str | None = None, role: str | None = None, finish: str | None = None) -> str:
@@ -73,6 +73,27 @@ def test_sse_tally_counts_text_chunks_and_prefers_usage() -> None:
     assert result.ok and result.usage_reported
     assert result.n_output_tokens == 3
     assert result.ttft_s == pytest.approx(1.5)
+
+
+def test_usage_tells_how_much_of_the_prompt_was_computed() -> None:
+    usage = {
+        "prompt_tokens": 41,
+        "completion_tokens": 2,
+        "total_tokens": 43,
+        "prompt_tokens_details": {"cached_tokens": 30},
+    }
+    with_cache = "data: " + json.dumps({"object": "chat.completion.chunk", "choices": [], "usage": usage})
+    results = [
+        result_from_tally(_fold([_chunk("a"), _chunk("b"), with_cache, "data: [DONE]"]), 0.0, 1.0),
+        result_from_tally(_fold([_chunk("a"), _chunk("b"), _usage(2), "data: [DONE]"]), 0.0, 1.0),  # no details
+    ]
+    assert (results[0].n_prompt_tokens, results[0].n_cached_prompt_tokens) == (41, 30)
+    assert (results[1].n_prompt_tokens, results[1].n_cached_prompt_tokens) == (7, None)
+    level = summarize_level(1, 2, results)
+    assert level.mean_prompt_tokens == pytest.approx(24.0)
+    assert level.mean_computed_prompt_tokens == pytest.approx((11 + 7) / 2)  # nothing cached counts whole
+    bare = result_from_tally(_fold([_chunk("a"), "data: [DONE]"]), 0.0, 1.0)
+    assert summarize_level(1, 1, [bare]).mean_computed_prompt_tokens is None
 
 
 def test_sse_tally_without_usage_counts_chunks_and_reads_completion_text() -> None:

@@ -4,7 +4,8 @@ It implements the three requests huggingface-hub makes for a verified download: 
 with LFS metadata (`GET /api/models/{repo}/revision/{rev}?blobs=true`), and `HEAD`/`GET` of
 `/{repo}/resolve/{rev}/{file}` with the headers the real hub sends (X-Repo-Commit, ETag, X-Linked-Etag,
 X-Linked-Size, Content-Length) and byte ranges (206 + Content-Range). Faults are switched on per test:
-serve different bytes than advertised, cut a response after some bytes, or answer 503.
+serve different bytes than advertised, cut a response after some bytes, or answer 503; a throttle makes a
+download slow enough to watch.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -29,6 +31,7 @@ class FakeRepo:
     corrupt: set[str] = field(default_factory=set)  # served with one byte flipped
     cut_after: dict[str, int] = field(default_factory=dict)  # GET body stops after n bytes, then 503s
     unavailable: set[str] = field(default_factory=set)  # listed, but resolve answers 404
+    throttle_bytes_per_s: float | None = None  # file bodies trickle out at this rate
 
     def sha256(self, path: str) -> str:
         return hashlib.sha256(self.files[path]).hexdigest()
@@ -145,7 +148,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 self.close_connection = True
                 return
-            self._send(status, body, headers, head=head, length=len(body))
+            self._send(status, body, headers, head=head, length=len(body), throttle=repo.throttle_bytes_per_s)
 
         def _error(self, status: int, message: str, code: str | None, commit: str | None) -> None:
             headers = {"Content-Type": "application/json", "X-Error-Message": message}
@@ -156,14 +159,28 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self._send(status, json.dumps({"error": message}).encode(), headers, head=self.command == "HEAD")
 
         def _send(
-            self, status: int, body: bytes, headers: dict[str, str], *, head: bool, length: int | None = None
+            self,
+            status: int,
+            body: bytes,
+            headers: dict[str, str],
+            *,
+            head: bool,
+            length: int | None = None,
+            throttle: float | None = None,
         ) -> None:
             self.send_response(status)
             for key, value in headers.items():
                 self.send_header(key, value)
             self.send_header("Content-Length", str(len(body) if length is None else length))
             self.end_headers()
-            if not head:
+            if head:
+                return
+            if throttle is None:
                 self.wfile.write(body)
+                return
+            block = 1 << 20
+            for start in range(0, len(body), block):
+                self.wfile.write(body[start : start + block])
+                time.sleep(min(block, len(body) - start) / throttle)
 
     return Handler

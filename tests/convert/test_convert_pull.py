@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub, FakeRepo
 
-from convert.pull import PullError, ensure_model, pull_model, select_model_files
+from convert.pull import PullError, ensure_model, locate_model, pull_model, select_model_files
 from registry.hub_cache import CacheLayout, HubLocation, find_cached_gguf, group_gguf_files, matches_pattern
 from registry.models import Registry, RegistryError, load_registry, resolve_model
 
@@ -149,6 +149,50 @@ def test_pull_resumes_from_a_partial_file_left_by_an_earlier_run(
     assert [r.range for r in fake_hub.downloads(SHARD_1)] == ["bytes=123456-"]
     assert [r.range for r in fake_hub.downloads(SHARD_2)] == [None]
     assert not partial.exists()
+
+
+def test_pull_reports_progress_over_every_shard_counting_resumed_bytes(
+    repo: FakeRepo, registry: Registry, hub: HubLocation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16_384)  # many chunks: many reports
+    partial = CacheLayout(hub.cache_dir, REPO).partial(repo.sha256(SHARD_1))
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(repo.files[SHARD_1][:123_456])
+    total = len(repo.files[SHARD_1]) + len(repo.files[SHARD_2])
+    reports: list[tuple[int, int]] = []
+
+    pull_model("tiny", registry=registry, hub=hub, progress=lambda done, of: reports.append((done, of)))
+
+    assert reports[0] == (123_456, total)  # the resumed bytes count from the start
+    assert reports[-1] == (total, total)
+    assert {of for _, of in reports} == {total}
+    done = [done for done, _ in reports]
+    assert done == sorted(done) and len(set(done)) > 20
+    assert (len(repo.files[SHARD_1]), total) in reports  # shard 1 complete, shard 2 not started
+
+    reports.clear()
+    pull_model("tiny", registry=registry, hub=hub, progress=lambda done, of: reports.append((done, of)))
+    assert reports and set(reports) == {(total, total)}  # nothing left to fetch
+
+
+def test_locate_model_never_downloads_and_says_what_can_never_resolve(
+    repo: FakeRepo, registry: Registry, hub: HubLocation, fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub.cache_dir))
+    assert locate_model("tiny", allow_download=True, registry=registry, hub=hub) is None  # to be downloaded
+    assert fake_hub.log == []
+    with pytest.raises(RegistryError, match="unknown model 'nope'"):
+        locate_model("nope", allow_download=True, registry=registry, hub=hub)
+    offline = HubLocation(endpoint=hub.endpoint, cache_dir=hub.cache_dir, offline=True)
+    with pytest.raises(RegistryError, match=r"offline mode is on .*run: python -m convert pull tiny"):
+        locate_model("tiny", allow_download=True, registry=registry, hub=offline)
+    with pytest.raises(RegistryError, match="downloads are turned off"):
+        locate_model("tiny", allow_download=False, registry=registry, hub=hub)
+    path = pull_model("tiny", registry=registry, hub=hub)
+    located = locate_model("tiny", allow_download=False, registry=registry, hub=offline)
+    assert located is not None and located.path == path
 
 
 def test_interrupted_download_fails_in_one_line_keeps_no_final_file_and_resumes(

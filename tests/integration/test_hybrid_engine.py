@@ -15,7 +15,7 @@ import pytest
 
 from bindings.llama_backend import LlamaBackend, LlamaBackendConfig
 from bindings.protocol import SamplingParams
-from server.engine.engine import Engine, EngineConfig
+from server.engine.engine import Engine, EngineConfig, EngineStats
 from server.engine.request import FinishReason, Request, TokenEvent
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -29,7 +29,7 @@ PROMPTS = [
 ]
 
 
-def make_engine(model: Path, *, n_slots: int = 4, prefix_reuse: bool = True, prompt_cache_entries: int = 0) -> Engine:
+def make_engine(model: Path, *, n_slots: int = 4, prefix_reuse: bool = True, prompt_cache_bytes: int = 0) -> Engine:
     backend = LlamaBackend(
         model,
         LlamaBackendConfig(
@@ -50,7 +50,7 @@ def make_engine(model: Path, *, n_slots: int = 4, prefix_reuse: bool = True, pro
             max_batch_tokens=64,
             prefix_reuse=prefix_reuse,
             snapshot_min_tokens=8,
-            prompt_cache_entries=prompt_cache_entries,
+            prompt_cache_bytes=prompt_cache_bytes,
         ),
     )
 
@@ -162,19 +162,22 @@ def test_prompt_cache_restores_a_conversation_after_its_slot_was_reused(
     arch: str, request: pytest.FixtureRequest
 ) -> None:
     model = Path(request.getfixturevalue(f"tiny_{arch}_gguf"))
-    engine = make_engine(model, n_slots=1, prompt_cache_entries=4)
+    engine = make_engine(model, n_slots=1, prompt_cache_bytes=64 << 20)
     first_prompt = "A conversation that will come back later, after another one."
     n_first = len(engine.vocab.tokenize(first_prompt, add_special=True, parse_special=False))
 
-    async def warm() -> tuple[tuple[int, ...], list[TokenEvent]]:
+    async def warm() -> tuple[tuple[int, ...], list[TokenEvent], EngineStats]:
         first = await generate(engine, first_prompt)
         await generate(engine, "Something unrelated takes the only slot.")
         history = tuple(engine.vocab.tokenize(first_prompt, add_special=True, parse_special=False))
         history += tuple(tokens_of(first)[:-1])
-        return history, await generate(engine, (*history, 5, 6, 7))
+        return history, await generate(engine, (*history, 5, 6, 7)), engine.stats()
 
-    history, returning = run(engine, warm)
+    history, returning, stats = run(engine, warm)
     assert returning[-1].n_cached_tokens == len(history) > n_first, "the whole conversation came back from RAM"
+    assert stats.n_prompt_cache_hits == 1 and stats.prompt_cache_entries >= 1
+    # entries are sized by llama.cpp (llama_state_seq_get_size): KV of their tokens, plus the recurrent state
+    assert 0 < stats.prompt_cache_bytes <= stats.prompt_cache_budget_bytes == 64 << 20
     cold_engine = make_engine(model, n_slots=1, prefix_reuse=False)
 
     async def cold() -> list[TokenEvent]:

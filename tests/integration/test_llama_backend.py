@@ -159,6 +159,22 @@ def test_save_restore_reproduces_next_token_logits(clean: LlamaBackend) -> None:
     assert np.array_equal(step(backend, 0, next_token, len(prompt)), reference)
 
 
+def test_state_size_is_what_a_stash_holds_and_grows_with_the_tokens(clean: LlamaBackend) -> None:
+    backend = clean
+    prompt = tokens_of(backend, PROMPTS[0])
+    prefill(backend, 0, prompt[:4])
+    small = backend.state_size(0)
+    step(backend, 0, prompt[4], 4)
+    one_more = backend.state_size(0)
+    # SmolLM2: 30 layers of 3 KV heads x 64 values, K and V in f16, and a few bytes of cell metadata per token
+    assert 30 * 2 * 3 * 64 * 2 <= one_more - small < 30 * 2 * 3 * 64 * 2 + 64
+    backend.apply([CacheOp("stash", slot=0, entry=7, n_bytes=one_more), CacheOp("load", slot=1, entry=7)])
+    assert backend.state_size(1) == one_more, "the loaded copy is the whole stashed state"
+    backend.apply([CacheOp("drop", slot=0, entry=7), CacheOp("drop", slot=0, entry=7)])  # repeatable
+    with pytest.raises(BackendError, match="nothing was saved under 7"):
+        backend.apply([CacheOp("load", slot=1, entry=7)])
+
+
 def test_restore_without_save_is_an_error(clean: LlamaBackend) -> None:
     with pytest.raises(BackendError, match="nothing was saved"):
         clean.apply([CacheOp("restore", slot=3)])

@@ -12,28 +12,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import N_SLOTS, LiveServer, start_server, stop_server
+from tests.integration.conftest import CHAT_PROMPTS as PROMPTS
+from tests.integration.conftest import N_SLOTS, CacheHome, LiveServer, start_server, stop_server
 
 MODEL = "smollm2-135m-instruct"
-
-PROMPTS = [
-    "What is the capital of France?",
-    "Name three colors.",
-    "Write one sentence about the sea.",
-    "What is 2 + 2?",
-    "Give me a word that rhymes with cat.",
-    "What do bees make?",
-    "Say hello in Spanish.",
-    "What is the largest planet?",
-    "Describe a cat in five words.",
-    "What is water made of?",
-    "Tell me a fun fact about owls.",
-    "What season comes after winter?",
-    "How many legs does a spider have?",
-    "What is the opposite of hot?",
-    "Name a fruit that is yellow.",
-    "What color is the sky on a clear day?",
-]
 
 
 def sync_client(server: LiveServer) -> openai.OpenAI:
@@ -121,14 +103,28 @@ def test_sixteen_concurrent_streams_equal_their_solo_answers(smollm2_server: Liv
     assert busy_seen >= N_SLOTS // 2, f"only {busy_seen} slots were ever busy at once"
 
 
+def generated_tokens(server: LiveServer) -> float:
+    """The server's count of tokens generated so far (Prometheus counter qwen3_local_generated_tokens)."""
+    text = httpx.get(server.base_url + "/metrics").text
+    [family] = [f for f in text_string_to_metric_families(text) if f.name == "qwen3_local_generated_tokens"]
+    return family.samples[0].value
+
+
+def busy_slots(server: LiveServer) -> int:
+    return sum(1 for s in httpx.get(server.base_url + "/slots").json() if s["state"] != "idle")
+
+
 def test_disconnect_mid_stream_frees_the_slot(smollm2_server: LiveServer) -> None:
+    max_tokens = 900  # the slot's whole context is 1024 tokens; finishing would generate exactly 900
     payload = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Tell me a very long story about dragons."}],
-        "max_tokens": 900,  # ~8 s of generation: far longer than the slot may stay busy after the disconnect
+        "max_tokens": max_tokens,
         "stream": True,
         "ignore_eos": True,
     }
+    assert busy_slots(smollm2_server) == 0
+    before = generated_tokens(smollm2_server)
     with (
         httpx.Client(base_url=smollm2_server.base_url, timeout=60) as http,
         http.stream("POST", "/v1/chat/completions", json=payload) as response,
@@ -137,15 +133,22 @@ def test_disconnect_mid_stream_frees_the_slot(smollm2_server: LiveServer) -> Non
         lines = response.iter_lines()
         received = [line for _, line in zip(range(6), lines, strict=False)]
         assert any(line.startswith("data: ") for line in received)
-    deadline = time.monotonic() + 4
-    busy = N_SLOTS
-    while time.monotonic() < deadline:
-        busy = sum(1 for s in httpx.get(smollm2_server.base_url + "/slots").json() if s["state"] != "idle")
-        if busy == 0:
-            break
-        time.sleep(0.1)
-    assert busy == 0, "the disconnected request still holds its slot"
+    # Wait for the slot however long that takes (pytest-timeout bounds it), then count what it generated:
+    # a server that frees the slot only when the request finishes has generated all max_tokens by then.
+    while busy_slots(smollm2_server):
+        time.sleep(0.05)
+    generated = generated_tokens(smollm2_server) - before
+    assert 0 < generated < max_tokens // 2, f"{generated} of {max_tokens} tokens generated before the slot was freed"
     assert "4" in (chat(smollm2_server, "What is 2 + 2?").choices[0].message.content or "")
+
+
+def test_live_servers_keep_their_caches_in_the_temporary_home(
+    smollm2_server: LiveServer, live_cache_home: CacheHome
+) -> None:
+    chat(smollm2_server, "What is 2 + 2?", max_tokens=4)
+    # the extra-buffer-types verdict went to the --cache-dir the tests gave, and nothing to the home directory
+    assert list(live_cache_home.qwen3_local.glob("extra-bufts-probe-*.json"))
+    assert not (live_cache_home.home / ".cache").exists()
 
 
 def test_legacy_completions_endpoint(smollm2_server: LiveServer) -> None:
@@ -216,10 +219,11 @@ def test_bad_input_gets_openai_error_and_server_keeps_serving(
     assert chat(smollm2_server, "What is 2 + 2?", max_tokens=4).choices[0].finish_reason in ("stop", "length")
 
 
-def test_full_queue_answers_429_with_retry_after(tmp_path: Path) -> None:
+def test_full_queue_answers_429_with_retry_after(tmp_path: Path, live_cache_home: CacheHome) -> None:
     server = start_server(
         ["--model", MODEL, "--parallel", "1", "--max-queue", "0", "--ctx-size", "512", "--threads", "2"],
         tmp_path / "server.log",
+        live_cache_home,
     )
     try:
         long_request = {

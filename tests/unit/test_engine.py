@@ -176,3 +176,62 @@ def test_stats_and_slots_report_activity() -> None:
         assert stats.n_generated_tokens == 30 and stats.n_requests_finished == 1 and stats.n_steps >= 30
 
     run_with_engine(body, FakeBackendConfig(step_delay_s=0.002))
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Yield to the engine thread until condition() holds; fail the test if it never does."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.002)
+
+
+CACHED = EngineConfig(max_batch_tokens=64, prompt_cache_bytes=1 << 20)
+
+
+def test_a_failed_prompt_cache_load_fails_one_request_and_the_next_prefills_cold() -> None:
+    conversation = "a conversation worth keeping in RAM"
+    solo: list[str] = []
+
+    async def cold(engine: Engine, backend: FakeBackend) -> None:
+        solo.append(text_of(await collect(engine, request(conversation + " again"))))
+
+    async def body(engine: Engine, backend: FakeBackend) -> None:
+        await collect(engine, request(conversation, replace(GREEDY, max_tokens=2)))
+        await until(lambda: backend.n_stashed() == 1)  # the idle engine saved the slot
+        await collect(engine, request("another takes the only slot", replace(GREEDY, max_tokens=2)))
+        await until(lambda: backend.n_stashed() == 2)
+        backend.failing_ops = {"load"}  # the entry cannot be read back, now or ever
+        failed = await collect(engine, request(conversation + " again"))
+        assert failed[-1].finish_reason is FinishReason.ERROR and "injected load failure" in (failed[-1].error or "")
+        retry = await collect(engine, request(conversation + " again"))
+        assert retry[-1].finish_reason is FinishReason.LENGTH and retry[-1].n_cached_tokens == 0
+        assert text_of(retry) == solo[0]
+        # the failed load's entry is dropped, and the idle engine stashes the retry's slot: the backend ends with
+        # "another ..." and the retry (a third entry would be an orphan), exactly what the index knows
+        await until(lambda: len(backend.stashed_entry_ids()) == 2)
+        assert backend.stashed_entry_ids() == engine._scheduler.prompt_cache_entry_ids()
+
+    run_with_engine(cold, FakeBackendConfig(n_slots=1))
+    run_with_engine(body, FakeBackendConfig(n_slots=1), CACHED)
+
+
+def test_an_idle_engine_stashes_its_slots_and_reports_the_cache() -> None:
+    async def body(engine: Engine, backend: FakeBackend) -> None:
+        first = await collect(
+            engine, request("stashed while the engine has nothing to do", replace(GREEDY, max_tokens=2))
+        )
+        n_tokens = first[-1].n_prompt_tokens + 1  # the prompt and the generated token fed back
+        await until(lambda: backend.n_stashed() == 1)
+        stats = engine.stats()
+        assert stats.prompt_cache_bytes == n_tokens * backend.config.state_bytes_per_token == backend.stashed_bytes()
+        assert stats.prompt_cache_budget_bytes == 1 << 20
+        n_stashes = sum(op.kind == "stash" for op in backend.ops)
+        await collect(engine, request("takes the slot", replace(GREEDY, max_tokens=2)))
+        assert sum(op.kind == "stash" for op in backend.ops) == n_stashes, "already saved: no copy at admission"
+        returning = await collect(engine, request("stashed while the engine has nothing to do, back"))
+        assert returning[-1].n_cached_tokens > 0
+        stats = engine.stats()
+        assert (stats.n_prompt_cache_hits, stats.n_prompt_cache_misses) == (1, 2)
+
+    run_with_engine(body, FakeBackendConfig(n_slots=1), CACHED)

@@ -6,23 +6,38 @@ from dataclasses import replace
 
 import pytest
 
-from bindings.protocol import SamplingParams
+from bindings.protocol import BackendError, SamplingParams
 from server.engine.fake_backend import EOS, FakeBackend, FakeBackendConfig
 from server.engine.request import FinishReason, Request
 from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, common_prefix_length
 from server.engine.sequence import Sequence, StepEvent
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
+TOKEN_BYTES = FakeBackendConfig().state_bytes_per_token  # what one cached token's state takes in the fake
+CACHE_BYTES = 1024 * TOKEN_BYTES  # room for every prompt of these tests
 
 
 class Harness:
     """A scheduler plus the fake backend, with one call per engine step."""
 
     def __init__(
-        self, *, n_slots: int = 4, n_ctx: int = 64, budget: int = 16, partial: bool = True, cache_entries: int = 0
+        self,
+        *,
+        n_slots: int = 4,
+        n_ctx: int = 64,
+        budget: int = 16,
+        partial: bool = True,
+        cache_bytes: int = 0,
+        state_bytes_fixed: int = 0,
     ) -> None:
         self.backend = FakeBackend(
-            FakeBackendConfig(n_slots=n_slots, n_ctx_per_slot=n_ctx, n_batch=budget, supports_partial_removal=partial)
+            FakeBackendConfig(
+                n_slots=n_slots,
+                n_ctx_per_slot=n_ctx,
+                n_batch=budget,
+                supports_partial_removal=partial,
+                state_bytes_fixed=state_bytes_fixed,
+            )
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -31,9 +46,10 @@ class Harness:
                 max_batch_tokens=budget,
                 supports_partial_removal=partial,
                 snapshot_min_tokens=4,
-                prompt_cache_entries=cache_entries,
+                prompt_cache_bytes=cache_bytes,
             ),
             self.backend,
+            self.backend.state_size,
         )
         self.n_seq = 0
         self.plans: list[StepPlan] = []
@@ -53,11 +69,15 @@ class Harness:
         plan = self.scheduler.schedule()
         for seq in plan.admitted:
             self.backend.new_sampler(seq.seq_id, seq.request.params)
-        self.backend.apply(plan.ops)
-        if plan.entries:
-            self.backend.decode(plan.entries)
-        sampled = {seq.seq_id: self.backend.sample(seq.seq_id, i, seq.request.params) for seq, i in plan.samples}
-        events = self.scheduler.commit(plan, sampled)
+        try:
+            self.backend.apply(plan.ops)
+            if plan.entries:
+                self.backend.decode(plan.entries)
+            sampled = {seq.seq_id: self.backend.sample(seq.seq_id, i, seq.request.params) for seq, i in plan.samples}
+        except BackendError as exc:  # as the engine does: fail the plan's requests, keep going
+            events = self.scheduler.fail(plan, str(exc))
+        else:
+            events = self.scheduler.commit(plan, sampled)
         for event in events:
             if event.finish_reason is not None:
                 self.backend.free_sampler(event.sequence.seq_id)
@@ -376,7 +396,7 @@ def test_sampled_token_logprobs_travel_with_the_event() -> None:
 
 
 def test_prompt_cache_brings_back_a_prefix_its_slot_lost() -> None:
-    h = Harness(n_slots=1, cache_entries=4)
+    h = Harness(n_slots=1, cache_bytes=CACHE_BYTES)
     first = h.submit("conversation one, turn one", replace(GREEDY, max_tokens=3))
     h.run()
     h.submit("something else entirely", replace(GREEDY, max_tokens=3))
@@ -394,7 +414,7 @@ def test_prompt_cache_brings_back_a_prefix_its_slot_lost() -> None:
 
 
 def test_prompt_cache_entry_is_truncated_to_the_shared_prefix() -> None:
-    h = Harness(n_slots=1, cache_entries=4)
+    h = Harness(n_slots=1, cache_bytes=CACHE_BYTES)
     h.submit("shared system prompt. question A", replace(GREEDY, max_tokens=2))
     h.run()
     h.submit("unrelated", replace(GREEDY, max_tokens=2))
@@ -409,7 +429,7 @@ def test_prompt_cache_entry_is_truncated_to_the_shared_prefix() -> None:
 
 
 def test_prompt_cache_on_a_recurrent_model_needs_a_whole_prefix() -> None:
-    h = Harness(n_slots=1, partial=False, cache_entries=4)
+    h = Harness(n_slots=1, partial=False, cache_bytes=CACHE_BYTES)
     first = h.submit("recurrent prompt", replace(GREEDY, max_tokens=3))
     h.run()
     h.submit("a different prompt", replace(GREEDY, max_tokens=3))
@@ -428,17 +448,183 @@ def test_prompt_cache_on_a_recurrent_model_needs_a_whole_prefix() -> None:
     assert not any(op.kind == "truncate" for op in h.backend.ops)
 
 
-def test_prompt_cache_is_bounded_and_evicts_the_least_recently_used() -> None:
-    h = Harness(n_slots=1, cache_entries=2)
+def test_prompt_cache_is_bounded_in_bytes_and_evicts_the_least_recently_used() -> None:
+    # each entry is its prompt plus the one generated token that was fed back: 13, 13, 15 tokens
+    h = Harness(n_slots=1, cache_bytes=30 * TOKEN_BYTES)
     for prompt in ["alpha prompt", "bravo prompt", "charlie prompt", "delta prompt"]:
         h.submit(prompt, replace(GREEDY, max_tokens=2))
         h.run()
+        assert h.backend.stashed_bytes() <= 30 * TOKEN_BYTES
     drops = [op for p in h.plans for op in p.ops if op.kind == "drop"]
     stashes = [op for p in h.plans for op in p.ops if op.kind == "stash"]
-    assert len(stashes) == 3 and [op.entry for op in drops] == [stashes[0].entry]
-    assert h.backend.n_stashed() == 2
+    assert [op.n_bytes for op in stashes] == [13 * TOKEN_BYTES, 13 * TOKEN_BYTES, 15 * TOKEN_BYTES]
+    assert len(stashes) == 3 and [op.entry for op in drops] == [stashes[0].entry], "alpha + bravo + charlie > 30"
+    assert h.backend.n_stashed() == 2 and h.backend.stashed_bytes() == 28 * TOKEN_BYTES
+    counters = h.scheduler.counters
+    assert (counters.prompt_cache_entries, counters.prompt_cache_bytes) == (2, 28 * TOKEN_BYTES)
+    assert counters.n_prompt_cache_evictions == 1
     again = h.submit("alpha prompt again")  # its entry was evicted: computed from scratch
     plan = h.step()
     assert "load" not in [op.kind for op in plan.ops] and plan.entries[0].start_pos == 0
     h.run()
     assert h.text(again) == alone("alpha prompt again")
+
+
+def test_a_large_entry_evicts_as_many_small_ones_as_it_needs() -> None:
+    h = Harness(n_slots=1, cache_bytes=40 * TOKEN_BYTES)
+    for prompt in ["one prompt", "two prompt", "three prompt"]:  # entries of 11, 11 and 13 tokens
+        h.submit(prompt, replace(GREEDY, max_tokens=2))
+        h.run()
+    big = h.submit("a much longer prompt of thirty tokens", replace(GREEDY, max_tokens=2))
+    h.run()
+    h.submit("end", replace(GREEDY, max_tokens=2))
+    plan = h.step()  # stashes the long one (38 tokens): only it fits
+    n_big = len("a much longer prompt of thirty tokens") + 1
+    assert [op.kind for op in plan.ops] == ["drop", "drop", "drop", "stash", "clear"]
+    assert plan.ops[3].n_bytes == n_big * TOKEN_BYTES
+    assert h.backend.stashed_bytes() == n_big * TOKEN_BYTES == h.scheduler.counters.prompt_cache_bytes
+    assert h.scheduler.counters.n_prompt_cache_evictions == 3
+    h.run()
+    assert h.finish(big) is FinishReason.LENGTH
+
+
+def test_a_state_larger_than_the_whole_cache_is_not_stashed_and_is_counted() -> None:
+    h = Harness(n_slots=1, cache_bytes=8 * TOKEN_BYTES)
+    h.submit("more than eight tokens", replace(GREEDY, max_tokens=2))
+    h.run()
+    h.submit("next", replace(GREEDY, max_tokens=2))
+    plan = h.step()
+    assert [op.kind for op in plan.ops] == ["clear"]
+    assert h.scheduler.counters.n_prompt_cache_stashes_skipped == 1 and h.backend.n_stashed() == 0
+
+
+def test_prompt_cache_hits_and_misses_are_counted() -> None:
+    h = Harness(n_slots=1, cache_bytes=CACHE_BYTES)
+    first = h.submit("a returning conversation", replace(GREEDY, max_tokens=3))
+    h.run()
+    h.submit("unrelated", replace(GREEDY, max_tokens=2))
+    h.run()
+    h.submit("a returning conversation" + h.text(first)[:2] + " again")
+    h.run()
+    counters = h.scheduler.counters
+    assert (counters.n_prompt_cache_misses, counters.n_prompt_cache_hits) == (2, 1)
+
+
+def test_failed_load_is_forgotten_and_the_prefix_is_prefilled_cold() -> None:
+    h = Harness(n_slots=1, cache_bytes=CACHE_BYTES)
+    h.submit("a prompt to come back to", replace(GREEDY, max_tokens=2))
+    h.run()
+    h.submit("something else", replace(GREEDY, max_tokens=2))
+    h.run()
+    h.backend.failing_ops = {"load"}  # e.g. the entry is corrupt: loading it fails every time
+    failed = h.submit("a prompt to come back to, again")
+    plan = h.step()
+    assert "load" in [op.kind for op in plan.ops]
+    assert h.finish(failed) is FinishReason.ERROR
+    retry = h.submit("a prompt to come back to, again")
+    plan = h.step()
+    assert "load" not in [op.kind for op in plan.ops], "the failed entry is not tried again"
+    assert plan.entries[0].start_pos == 0
+    h.run()
+    assert h.finish(retry) is FinishReason.LENGTH
+    assert h.text(retry) == alone("a prompt to come back to, again")
+    assert h.backend.stashed_entry_ids() == h.scheduler.prompt_cache_entry_ids()
+
+
+def test_a_failed_step_frees_its_stashes_and_evictions_in_the_backend() -> None:
+    h = Harness(n_slots=2, cache_bytes=60 * TOKEN_BYTES)
+    first = [h.submit(p, replace(GREEDY, max_tokens=2)) for p in ("conversation A, turn one", "conversation B!!")]
+    h.run()
+    for prompt in ("unrelated C", "unrelated D"):  # both slots are taken over: A and B go to the cache
+        h.submit(prompt, replace(GREEDY, max_tokens=2))
+    h.run()
+    assert h.backend.n_stashed() == 2
+    h.backend.failing_ops = {"load"}
+    returning = h.submit("conversation A, turn one" + h.text(first[0])[:1] + " two")
+    bystander = h.submit("a newcomer E")
+    plan = h.step()
+    # A's load fails: the drops and the stash planned after it (for E's slot) never reach the backend
+    kinds = [op.kind for op in plan.ops]
+    assert kinds.index("load") < len(kinds) - 1 and "drop" in kinds[kinds.index("load") :]
+    assert h.finish(returning) is FinishReason.ERROR and h.finish(bystander) is FinishReason.ERROR
+    h.backend.failing_ops = set()
+    h.step()  # the next step drops what the failed one may have left behind
+    assert h.backend.stashed_entry_ids() == h.scheduler.prompt_cache_entry_ids()
+
+
+def test_fail_all_leaves_no_orphaned_cache_entries() -> None:
+    h = Harness(n_slots=1, cache_bytes=CACHE_BYTES)
+    h.submit("stashed in a step that never ran", replace(GREEDY, max_tokens=2))
+    h.run()
+    h.submit("next", replace(GREEDY, max_tokens=2))
+    plan = h.scheduler.schedule()
+    assert [op.kind for op in plan.ops] == ["stash", "clear"]
+    h.scheduler.fail_all("internal error in the engine step")  # the step died before its ops were applied
+    assert h.scheduler.prompt_cache_entry_ids() == set()
+    retry = h.submit("stashed in a step that never ran, again")
+    plan = h.step()
+    assert "load" not in [op.kind for op in plan.ops] and plan.entries[0].start_pos == 0
+    h.run()
+    assert h.finish(retry) is FinishReason.LENGTH
+    assert h.backend.stashed_entry_ids() == h.scheduler.prompt_cache_entry_ids()
+
+
+def test_an_idle_engine_stashes_free_slots_so_a_busy_one_need_not() -> None:
+    h = Harness(n_slots=1, cache_bytes=CACHE_BYTES)
+    h.submit("kept while the engine idles", replace(GREEDY, max_tokens=2))
+    h.run()
+    plan = h.step()  # nothing to do: the slot's contents go to the cache now
+    assert [op.kind for op in plan.ops] == ["stash"] and not plan.entries
+    assert h.step().empty, "once saved, idling does nothing"
+    h.submit("a new request takes the slot", replace(GREEDY, max_tokens=2))
+    plan = h.step()
+    assert [op.kind for op in plan.ops] == ["clear"], "already saved: no copy while streams may wait"
+    h.run()
+    returning = h.submit("kept while the engine idles, back")
+    plan = h.step()
+    assert [op.kind for op in plan.ops] == ["stash", "load", "truncate"]
+    h.run()
+    assert h.text(returning) == alone("kept while the engine idles, back")
+
+
+def test_under_load_a_stash_slower_than_a_step_is_skipped_and_counted() -> None:
+    # Qwen3-Next-like states: 75 MiB of recurrent state whatever the length, so any stash costs ~45 ms
+    fixed = 75 << 20
+    h = Harness(n_slots=2, cache_bytes=1 << 30, state_bytes_fixed=fixed)
+    h.scheduler.stash_seconds_per_byte = 0.6e-3 / (1 << 20)  # 0.6 ms/MiB: 45 ms for 75 MiB
+    h.scheduler.observe_step(0.040)  # decode steps of 40 ms
+    h.submit("finishes first", replace(GREEDY, max_tokens=2))
+    running = h.submit("keeps decoding", replace(GREEDY, max_tokens=30))
+    h.step()
+    while h.scheduler.slots[0].sequence is not None:
+        h.step()
+    assert h.scheduler.slots[1].sequence is not None
+    newcomer = h.submit("takes the first slot", replace(GREEDY, max_tokens=2))
+    plan = h.step()
+    assert [op.kind for op in plan.ops] == ["clear"], "copying 75 MiB would stall the running stream > 1 step"
+    assert h.scheduler.counters.n_prompt_cache_stashes_skipped == 1
+    h.run()
+    assert h.finish(running) is FinishReason.LENGTH and h.finish(newcomer) is FinishReason.LENGTH
+    h.scheduler.observe_step(0.060)  # slower steps (EWMA: 46 ms): the same copy now fits in one
+    h.submit("while nothing else runs", replace(GREEDY, max_tokens=2))
+    plan = h.step()
+    assert [op.kind for op in plan.ops] == ["stash", "clear"]
+    assert plan.ops[0].n_bytes == fixed + len("takes the first slot") * TOKEN_BYTES + TOKEN_BYTES
+
+
+def test_stash_and_step_costs_follow_the_measurements() -> None:
+    h = Harness(n_slots=1, cache_bytes=CACHE_BYTES)
+    initial = h.scheduler.stash_seconds_per_byte
+    h.scheduler.observe_stash(1 << 20, 1.0)  # small stashes reuse warm memory: they do not set the rate
+    assert h.scheduler.stash_seconds_per_byte == initial
+    h.scheduler.observe_stash(100 << 20, 0.1)  # 1 ms/MiB
+    assert initial < h.scheduler.stash_seconds_per_byte < 1e-3 / (1 << 20)
+    h.scheduler.observe_step(0.1)
+    h.scheduler.observe_step(0.2)
+    assert h.scheduler.step_seconds == pytest.approx(0.13)
+
+
+def test_a_prompt_cache_needs_state_sizes() -> None:
+    config = SchedulerConfig(n_slots=1, n_ctx_per_slot=64, max_batch_tokens=16, prompt_cache_bytes=1 << 20)
+    with pytest.raises(ValueError, match="state_size"):
+        Scheduler(config, FakeBackend())
