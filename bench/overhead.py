@@ -75,7 +75,9 @@ BUCKETS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("generation/dispatch", re.compile(r"api/generation\.py|engine/engine\.py")),
     ("uvicorn+h11", re.compile(r"uvicorn/|h11/|httptools")),
     ("starlette+sse_starlette+anyio", re.compile(r"starlette/|sse_starlette/|anyio/|fastapi/")),
-    ("asyncio", re.compile(r"asyncio/|selectors\.py")),
+    ("socket writes", re.compile(r"_SelectorSocketTransport\.write |\._write_to_self |\.send \(socket")),
+    ("epoll wake-ups", re.compile(r"Selector\.select |_read_from_self ")),
+    ("asyncio (tasks, queues, callbacks)", re.compile(r"asyncio/")),
 )
 _PY_SPY_THREAD = re.compile(r"^thread \((\d+)\): (.*)$")
 OTHER_BUCKET = "other"

@@ -115,7 +115,11 @@ def _plan(server: LoopbackServer, **overrides: Any) -> LoadPlan:
 def test_run_load_streams_over_keep_alive_connections() -> None:
     async def scenario() -> None:
         async with serving(LoopbackServer()) as server:
-            report = await run_load(_plan(server), "raw", show_progress=False)
+            edges: list[int] = []
+            report = await run_load(
+                _plan(server), "raw", show_progress=False, on_level_edge=lambda: edges.append(len(server.bodies))
+            )
+            assert edges == [1, 4, 4, 13]  # after the warm-up; around each level's requests, none outside
             for level in report.levels:
                 assert (level.n_errors, level.n_short_outputs) == (0, 0)
                 assert level.output_tokens == 6 * level.n_requests

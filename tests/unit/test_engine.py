@@ -235,3 +235,18 @@ def test_an_idle_engine_stashes_its_slots_and_reports_the_cache() -> None:
         assert (stats.n_prompt_cache_hits, stats.n_prompt_cache_misses) == (1, 2)
 
     run_with_engine(body, FakeBackendConfig(n_slots=1), CACHED)
+
+
+def test_every_token_reaches_its_stream_exactly_once() -> None:
+    # Events cross from the engine thread to the event loop once per step: each token must arrive once, in
+    # order, and the text must be exactly its pieces.
+    async def body(engine: Engine, backend: FakeBackend) -> None:
+        streams = await asyncio.gather(*(collect(engine, request(f"prompt {i} " * (i + 1))) for i in range(6)))
+        for events in streams:
+            tokens = [token for event in events for token in event.token_ids]
+            assert len(tokens) == GREEDY.max_tokens
+            assert [event.n_generated_tokens for event in events] == list(range(1, len(tokens) + 1))
+            assert text_of(events) == b"".join(backend.piece(token) for token in tokens).decode()
+            assert [event.finish_reason for event in events].count(FinishReason.LENGTH) == 1
+
+    run_with_engine(body)
