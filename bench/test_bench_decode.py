@@ -51,7 +51,9 @@ class RoundLog:
         self.steps.append(steps_after - steps_before)
 
     def extra_info(self, n_tokens_per_round: int, n_warmup_rounds: int) -> dict[str, float]:
-        seconds, steps = self.seconds[n_warmup_rounds:], self.steps[n_warmup_rounds:]
+        # With --benchmark-disable pytest-benchmark runs once and skips the warm-up: then that round counts.
+        timed = slice(n_warmup_rounds, None) if len(self.seconds) > n_warmup_rounds else slice(None)
+        seconds, steps = self.seconds[timed], self.steps[timed]
         best = min(seconds)
         return {
             "output_tokens_per_s_best": round(n_tokens_per_round / best, 1),
