@@ -92,6 +92,32 @@ class HubSource(BaseModel):
         return self
 
 
+class SamplingDefaults(BaseModel):
+    """A model's recommended sampling: what the server uses for each parameter a request leaves out. The
+    ranges are the API's own (server/api/schemas.py), so a default is never one a request could not send."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = Field(default=None, gt=0.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+
+    @field_validator(
+        "temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", mode="before"
+    )
+    @classmethod
+    def _int_is_a_float(cls, value: Any) -> Any:
+        # YAML reads `min_p: 0` as an int; strict mode would refuse it, but a bool must stay refused
+        return float(value) if type(value) is int else value
+
+    def given(self) -> dict[str, float | int]:
+        """Only the parameters models.yaml sets."""
+        return {name: value for name, value in self.model_dump().items() if value is not None}
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
@@ -101,6 +127,9 @@ class ModelEntry(BaseModel):
     safetensors_repo: str | None = Field(default=None, description="Original checkpoint, for conversion.")
     context: int = Field(default=4096, gt=0, description="Default context length to serve with.")
     chat_template: str | None = Field(default=None, description="Jinja chat template overriding the GGUF's.")
+    sampling: SamplingDefaults = Field(
+        default_factory=SamplingDefaults, description="Recommended sampling, for parameters a request leaves out."
+    )
 
     @field_validator("safetensors_repo")
     @classmethod

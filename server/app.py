@@ -44,6 +44,23 @@ def served_model_id(settings: Settings) -> str:
     return settings.model
 
 
+def model_sampling_defaults(settings: Settings) -> dict[str, float]:
+    """The served model's models.yaml sampling defaults; none for a GGUF path (it has no registry entry)."""
+    if settings.model is not None:
+        path = Path(settings.model).expanduser()
+        if settings.model.endswith(".gguf") or path.is_file():
+            return {}
+    try:
+        registry = load_registry(settings.models_file)
+        entry = registry.entry(settings.model or registry.default)
+    except RegistryError as exc:
+        # The loader reads the registry again and reports this same error as the load's failure (503 and
+        # /health say why); the app itself must still come up to say it.
+        log.debug("no sampling defaults: %s", exc)
+        return {}
+    return entry.sampling.given()
+
+
 def _build_engine(settings: Settings, state: ServerState) -> Engine:
     from server.boot.loader import build_engine  # deferred: it imports llama.cpp, which loads slowly
 
@@ -110,7 +127,7 @@ def create_app(
     it loads the configured model through llama.cpp. A failed load leaves the app answering 503 (and
     /health says why, as does `app.state.server.load_error`); `on_load_failure(message)`, called on the event
     loop, lets the CLI stop the server instead."""
-    state = ServerState(settings, served_model_id(settings), on_load_failure)
+    state = ServerState(settings, served_model_id(settings), on_load_failure, model_sampling_defaults(settings))
     factory = engine_factory or partial(_build_engine, settings, state)
     app = FastAPI(
         title="qwen3-local",

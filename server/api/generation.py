@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -29,19 +29,27 @@ def sampling_params(
     logprobs: bool,
     top_logprobs: int,
     default_top_k: int,
+    model_defaults: Mapping[str, float] = MappingProxyType({}),
 ) -> SamplingParams:
-    """The engine's SamplingParams for a request body; OpenAI's unset (null) fields take OpenAI's defaults,
-    and an unset top_k the server's (llama.cpp's extension: OpenAI has none)."""
+    """The engine's SamplingParams for a request body. Each parameter the request leaves unset (null) takes
+    the model's models.yaml default if it has one, else OpenAI's default (the server's for top_k: llama.cpp's
+    extension, OpenAI has none)."""
+
+    def pick(name: str, requested: float | None, server_default: float) -> float:
+        if requested is not None:
+            return requested
+        return model_defaults.get(name, server_default)
+
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=_DEFAULTS.temperature if body.temperature is None else body.temperature,
-        top_k=default_top_k if body.top_k is None else body.top_k,
-        top_p=_DEFAULTS.top_p if body.top_p is None else body.top_p,
-        min_p=body.min_p or 0.0,
+        temperature=pick("temperature", body.temperature, _DEFAULTS.temperature),
+        top_k=int(pick("top_k", body.top_k, default_top_k)),
+        top_p=pick("top_p", body.top_p, _DEFAULTS.top_p),
+        min_p=pick("min_p", body.min_p, 0.0),
         seed=body.seed,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        repeat_penalty=_DEFAULTS.repeat_penalty if body.repeat_penalty is None else body.repeat_penalty,
+        presence_penalty=pick("presence_penalty", body.presence_penalty, 0.0),
+        frequency_penalty=pick("frequency_penalty", body.frequency_penalty, 0.0),
+        repeat_penalty=pick("repeat_penalty", body.repeat_penalty, _DEFAULTS.repeat_penalty),
         logit_bias=MappingProxyType(_token_biases(body.logit_bias, info.n_vocab)),
         stop=body.stop_strings(),
         ignore_eos=body.ignore_eos,

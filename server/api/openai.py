@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions."""
+"""The OpenAI-compatible routes: /v1/models, /v1/chat/completions, /v1/completions; and llama-server's
+/tokenize and /detokenize."""
 
 from __future__ import annotations
 
@@ -29,13 +30,19 @@ from server.api.responses import (
     chat_completion,
     text_completion,
 )
-from server.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from server.api.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from server.api.sse import DONE_EVENT, event_source_response, sse_event, until_disconnected
 from server.api.state import ServerState, server_state
 from server.chat_template import ChatTemplate
 from server.engine.engine import Engine
 from server.engine.request import TokenEvent
-from server.errors import ApiError, ContextLengthExceededError
+from server.errors import ApiError, ContextLengthExceededError, InvalidRequestError
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -57,7 +64,14 @@ class _Chunks(Protocol):
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
-    return {"id": state.served_model_id, "object": "model", "created": state.created, "owned_by": "qwen3-local"}
+    return {
+        "id": state.served_model_id,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "qwen3-local",
+        # An extension: what a request that leaves a parameter out gets (models.yaml's `sampling`)
+        "sampling_defaults": dict(state.sampling_defaults),
+    }
 
 
 @router.get("/v1/models", response_model=None)
@@ -94,11 +108,14 @@ def _template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     return rendered
 
 
-async def _chat_prompt(template: ChatTemplate, messages: Sequence[ChatMessage], engine: Engine) -> list[int]:
+async def _chat_prompt(
+    template: ChatTemplate, messages: Sequence[ChatMessage], engine: Engine, *, add_generation_prompt: bool = True
+) -> list[int]:
     template_messages = _template_messages(messages)
 
     def render_and_tokenize() -> list[int]:
-        return template.tokenize(template.render(template_messages), engine.info, engine.vocab)
+        text = template.render(template_messages, add_generation_prompt=add_generation_prompt)
+        return template.tokenize(text, engine.info, engine.vocab)
 
     n_chars = sum(len(message["content"]) for message in template_messages)
     return await _off_loop_if_long(n_chars, render_and_tokenize)
@@ -207,6 +224,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         logprobs=bool(body.logprobs),
         top_logprobs=body.top_logprobs or 0,
         default_top_k=state.settings.default_top_k,
+        model_defaults=state.sampling_defaults,
     )
     prompt = await _chat_prompt(template, body.messages, engine)
     response_id, requests = engine_requests([prompt], params, body.n, "chatcmpl")
@@ -223,14 +241,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )
 
 
-def _completion_params(body: CompletionRequest, engine: Engine, default_top_k: int) -> SamplingParams:
+def _completion_params(body: CompletionRequest, engine: Engine, state: ServerState) -> SamplingParams:
     return sampling_params(
         body,
         engine.info,
         max_tokens=body.max_tokens,
         logprobs=body.logprobs is not None,
         top_logprobs=body.logprobs or 0,
-        default_top_k=default_top_k,
+        default_top_k=state.settings.default_top_k,
+        model_defaults=state.sampling_defaults,
     )
 
 
@@ -240,7 +259,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state = server_state(request)
     state.check_model(body.model)
     engine, _ = state.ready()
-    params = _completion_params(body, engine, state.settings.default_top_k)
+    params = _completion_params(body, engine, state)
     prompts = body.prompts()
     prompt_tokens = [await _completion_prompt(prompt, engine) for prompt in prompts]
     response_id, requests = engine_requests(prompt_tokens, params, body.n, "cmpl")
@@ -262,3 +281,48 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         build_body=lambda gen, choices: text_completion(header, choices, gen.usage(), params.logprobs, echo_texts),
         metrics=state.metrics,
     )
+
+
+def _piece_json(piece: bytes) -> str | list[int]:
+    """As llama-server shows a piece: its text when it is valid UTF-8, else its byte values (a piece may be
+    part of a multi-byte character)."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(piece)
+
+
+@router.post("/tokenize", response_model=None)
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    """llama-server's /tokenize; with `messages`, the tokens of the prompt /v1/chat/completions would build
+    from them, with the per-slot context they must fit, so a UI can show how full the context is."""
+    state = server_state(request)
+    engine, template = state.ready()
+    if body.messages is not None:
+        tokens = await _chat_prompt(template, body.messages, engine, add_generation_prompt=body.add_generation_prompt)
+    else:
+        text = body.content or ""
+        # parse_special as llama-server does: special tokens written in the text are tokens, not characters
+        tokens = await _off_loop_if_long(
+            len(text), lambda: engine.vocab.tokenize(text, add_special=body.add_special, parse_special=True)
+        )
+    listed: list[Any] = (
+        [{"id": token, "piece": _piece_json(engine.vocab.piece(token))} for token in tokens]
+        if body.with_pieces
+        else tokens
+    )
+    if body.messages is None:
+        return {"tokens": listed}
+    return {"tokens": listed, "n_tokens": len(tokens), "n_ctx": engine.info.n_ctx_per_slot}
+
+
+@router.post("/detokenize", response_model=None)
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+    engine, _ = server_state(request).ready()
+    n_vocab = engine.info.n_vocab
+    outside = [token for token in body.tokens if not 0 <= token < n_vocab]
+    if outside:
+        raise InvalidRequestError(
+            f"tokens names ids outside this model's vocabulary [0, {n_vocab}): {outside[:5]}", param="tokens"
+        )
+    return {"content": _prompt_text(body.tokens, engine)}

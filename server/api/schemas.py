@@ -197,3 +197,23 @@ class CompletionRequest(SamplingFields):
         if _is_token_ids(prompt):
             return [cast(list[int], prompt)]
         return [cast(str | list[int], item) for item in prompt]
+
+
+class TokenizeRequest(_StrictModel):
+    """llama-server's POST /tokenize body, plus chat `messages` (rendered as /v1/chat/completions does)."""
+
+    content: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special: bool = False
+    with_pieces: bool = False
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _content_or_messages(self) -> TokenizeRequest:
+        if (self.content is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'content' (text) and 'messages' (chat messages)")
+        return self
+
+
+class DetokenizeRequest(_StrictModel):
+    tokens: list[int]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Literal, cast
 
 from fastapi import FastAPI
@@ -31,9 +32,15 @@ class ServerState:
     """
 
     def __init__(
-        self, settings: Settings, served_model_id: str, on_load_failure: Callable[[str], None] | None = None
+        self,
+        settings: Settings,
+        served_model_id: str,
+        on_load_failure: Callable[[str], None] | None = None,
+        sampling_defaults: Mapping[str, float] | None = None,
     ) -> None:
         self.settings = settings
+        # The model's models.yaml sampling: read once, before loading; never changes while serving.
+        self.sampling_defaults: Mapping[str, float] = MappingProxyType(dict(sampling_defaults or {}))
         self._on_load_failure = on_load_failure
         self.served_model_id = served_model_id
         self.created = int(time.time())

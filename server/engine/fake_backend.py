@@ -45,6 +45,7 @@ class FakeBackendConfig:
     n_batch: int = 64
     supports_partial_removal: bool = True
     chat_template: str | None = CHATML_TEMPLATE
+    add_bos: bool = False  # whether tokenize(add_special=True) puts BOS first, as llama.cpp does for such models
     step_delay_s: float = 0.0  # sleep inside each decode, to make concurrency observable
     fail_on_token: int | None = None  # decode raises DecodeError when a batch contains this token
     failing_ops: frozenset[str] = frozenset()  # memory-op kinds ("load", "stash", ...) that raise BackendError
@@ -84,7 +85,7 @@ class FakeBackend:
             supports_partial_removal=self.config.supports_partial_removal,
             bos_token=BOS,
             eos_token=EOS,
-            add_bos=False,
+            add_bos=self.config.add_bos,
             chat_template=self.config.chat_template,
         )
 

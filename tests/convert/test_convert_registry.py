@@ -31,6 +31,9 @@ def test_the_shipped_models_yaml_is_valid() -> None:
     assert qwen.hub.repo == "Qwen/Qwen3-Next-80B-A3B-Instruct-GGUF"
     assert qwen.hub.default_quant == "Q4_K_M"
     assert qwen.safetensors_repo == "Qwen/Qwen3-Next-80B-A3B-Instruct"
+    # Qwen's recommended sampling for the Instruct model; SmolLM2 recommends none
+    assert qwen.sampling.given() == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
+    assert registry.entry(registry.default).sampling.given() == {}
 
 
 @pytest.mark.parametrize(
@@ -43,6 +46,12 @@ def test_the_shipped_models_yaml_is_valid() -> None:
         (GOOD_HUB.replace("    hub:", "    hubb:"), "models.m.hubb", "Extra inputs"),
         (GOOD_HUB + "    context: -5\n", "models.m.context", "greater than 0"),
         (GOOD_HUB + "    safetensors_repo: no-slash\n", "models.m.safetensors_repo", "'owner/name'"),
+        (GOOD_HUB + "    sampling:\n      temperature: 2.5\n", "models.m.sampling.temperature", "less than or equal"),
+        (GOOD_HUB + "    sampling:\n      top_p: -0.1\n", "models.m.sampling.top_p", "greater than or equal"),
+        (GOOD_HUB + "    sampling:\n      top_k: 1.5\n", "models.m.sampling.top_k", "valid integer"),
+        (GOOD_HUB + "    sampling:\n      min_p: high\n", "models.m.sampling.min_p", "valid number"),
+        (GOOD_HUB + "    sampling:\n      repeat_penalty: 0\n", "models.m.sampling.repeat_penalty", "greater than 0"),
+        (GOOD_HUB + "    sampling:\n      top_a: 0.1\n", "models.m.sampling.top_a", "Extra inputs"),
     ],
 )
 def test_a_bad_field_is_named(tmp_path: Path, body: str, where: str, what: str) -> None:

@@ -172,6 +172,37 @@ def test_models_health_and_metrics(smollm2_server: LiveServer) -> None:
     assert generated and max(generated) >= 4
 
 
+def test_tokenize_counts_the_chat_prompt_and_round_trips(smollm2_server: LiveServer) -> None:
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "Wie heißt die Hauptstadt von Frankreich?"},
+    ]
+    with httpx.Client(base_url=smollm2_server.base_url, timeout=60) as http:
+        meter = http.post("/tokenize", json={"messages": messages}).json()
+        answer = sync_client(smollm2_server).chat.completions.create(
+            model=MODEL,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=2,
+            temperature=0,
+        )
+        assert answer.usage is not None and meter["n_tokens"] == answer.usage.prompt_tokens > 10
+        assert meter["n_ctx"] > meter["n_tokens"] and len(meter["tokens"]) == meter["n_tokens"]
+
+        text = "Grüße aus Köln: 東京 🙂 – ça va?"
+        tokens = http.post("/tokenize", json={"content": text}).json()["tokens"]
+        assert all(isinstance(token, int) for token in tokens)
+        assert http.post("/detokenize", json={"tokens": tokens}).json() == {"content": text}
+        pieces = http.post("/tokenize", json={"content": text, "with_pieces": True}).json()["tokens"]
+        assert [piece["id"] for piece in pieces] == tokens
+        # pieces joined give the text back: a piece that is part of a character comes as its bytes
+        joined = b"".join(
+            piece["piece"].encode() if isinstance(piece["piece"], str) else bytes(piece["piece"]) for piece in pieces
+        )
+        assert joined.decode() == text
+        bad = http.post("/detokenize", json={"tokens": [1, 10**9]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
 ERROR_CASES = [
     ("malformed json", b"{not json", 400, None),
     ("wrong type", json.dumps({"model": MODEL, "messages": "hi"}).encode(), 400, "messages"),
