@@ -439,6 +439,8 @@ class LlamaBackend:
     def _argmax_biases(self, params: SamplingParams) -> _GreedyBiases | None:
         """For a chain that is only non-positive logit biases + greedy (stateless: nothing to accept), the biases
         an argmax must respect; None when the chain has to run (penalties, or a bias that can raise a token)."""
+        if params.grammar is not None:
+            return None  # the grammar stage must run and accept every token, or it would not constrain
         if not params.greedy or params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             return None
         biases = dict(params.logit_bias)
@@ -467,6 +469,19 @@ class LlamaBackend:
                 *(llama.llama_logit_bias(token, bias) for token, bias in biases.items())
             )
             stages.append(llama.llama_sampler_init_logit_bias(self._n_vocab, len(biases), entries))
+        if params.grammar is not None:
+            # First after the biases, so every later stage (penalties, top-k/p, temperature) only sees tokens
+            # the grammar allows; llama_sampler_sample accepts each chosen token into it, advancing it.
+            self._route_log_here()
+            self._log_capture.drain()
+            grammar = llama.llama_sampler_init_grammar(self._vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                for stage in stages:
+                    llama.llama_sampler_free(stage)
+                llama.llama_sampler_free(chain)
+                detail = failure_detail(self._log_capture.drain())
+                raise BackendError(f"the grammar could not be compiled: {detail}")
+            stages.append(grammar)
         if params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
             stages.append(
                 llama.llama_sampler_init_penalties(

@@ -43,6 +43,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False  # return the chosen token's log-probability
     top_logprobs: int = 0  # and this many alternatives per position (0..20)
+    grammar: str | None = None  # GBNF text (root rule "root") every answer must match: response_format
 
     @property
     def greedy(self) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from bindings.grammar import JSON_OBJECT_GRAMMAR, UnsupportedSchemaError, schema_grammar
 from bindings.protocol import ModelInfo, SamplingParams, TokenLogprob
 from server.api.schemas import SamplingFields
 from server.engine.engine import Engine, RequestStream
@@ -30,6 +31,7 @@ def sampling_params(
     top_logprobs: int,
     default_top_k: int,
     model_defaults: Mapping[str, float] = MappingProxyType({}),
+    grammar: str | None = None,
 ) -> SamplingParams:
     """The engine's SamplingParams for a request body. Each parameter the request leaves unset (null) takes
     the model's models.yaml default if it has one, else OpenAI's default (the server's for top_k: llama.cpp's
@@ -55,7 +57,23 @@ def sampling_params(
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        grammar=grammar,
     )
+
+
+def response_grammar(response_format: Mapping[str, Any] | None) -> str | None:
+    """The GBNF grammar that constrains decoding to a response_format (None: plain text). A schema feature
+    the grammar cannot enforce is a 400 naming it: answering unconstrained would break the contract."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "json_object":
+        return JSON_OBJECT_GRAMMAR
+    if kind != "json_schema":
+        return None
+    assert response_format is not None  # the request model checked the shape
+    try:
+        return schema_grammar(response_format["json_schema"]["schema"])
+    except UnsupportedSchemaError as exc:
+        raise InvalidRequestError(f"response_format.json_schema: {exc}", param="response_format") from exc
 
 
 def _token_biases(logit_bias: dict[str, float] | None, n_vocab: int) -> dict[int, float]:

@@ -21,6 +21,7 @@ from server.api.generation import (
     collect_choices,
     engine_requests,
     event_error,
+    response_grammar,
     sampling_params,
 )
 from server.api.responses import (
@@ -225,6 +226,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         top_logprobs=body.top_logprobs or 0,
         default_top_k=state.settings.default_top_k,
         model_defaults=state.sampling_defaults,
+        grammar=response_grammar(body.response_format),
     )
     prompt = await _chat_prompt(template, body.messages, engine)
     response_id, requests = engine_requests([prompt], params, body.n, "chatcmpl")

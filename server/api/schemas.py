@@ -127,9 +127,17 @@ class ChatCompletionRequest(SamplingFields):
 
     @field_validator("response_format")
     @classmethod
-    def _text_format_only(cls, response_format: dict[str, Any] | None) -> dict[str, Any] | None:
-        if response_format is not None and response_format.get("type", "text") != "text":
-            raise ValueError("only {'type': 'text'} is supported")
+    def _known_format(cls, response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The shape only; whether the schema can be enforced is decided when it is compiled (generation.py)."""
+        if response_format is None:
+            return None
+        kind = response_format.get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"type {kind!r} is not one of 'text', 'json_object', 'json_schema'")
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ValueError("type 'json_schema' needs json_schema: {name, schema, strict} with schema an object")
         return response_format
 
     @property

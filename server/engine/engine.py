@@ -307,10 +307,12 @@ class Engine:
         self._publish(events)
 
     def _execute(self, plan: StepPlan) -> list[StepEvent]:
-        for seq in plan.admitted:
-            self._backend.new_sampler(seq.seq_id, _sampler_params(seq))
         started = time.perf_counter()
         try:
+            # Inside the try: a sampler that cannot be built (a grammar llama.cpp refuses) fails its batch
+            # like a decode error instead of escaping the step loop.
+            for seq in plan.admitted:
+                self._backend.new_sampler(seq.seq_id, _sampler_params(seq))
             self._apply(plan)
             if not plan.entries:
                 return self._scheduler.commit(plan, {})

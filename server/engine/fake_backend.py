@@ -73,6 +73,7 @@ class FakeBackend:
         self.n_decode_calls = 0
         self.batches: list[tuple[BatchEntry, ...]] = []  # every decoded batch, for assertions
         self.ops: list[CacheOp] = []  # every memory op applied
+        self.grammars: list[str] = []  # the grammar of every sampler built with one, in order
         self.closed = False
         self._info = ModelInfo(
             name=self.config.name,
@@ -217,6 +218,9 @@ class FakeBackend:
         return logits
 
     def new_sampler(self, sampler_id: int, params: SamplingParams) -> None:
+        # The fake model cannot follow a grammar; it records each one so API tests see what reached the sampler.
+        if params.grammar is not None:
+            self.grammars.append(params.grammar)
         self._samplers[sampler_id] = np.random.default_rng(params.seed if params.seed is not None else None)
         self._penalty_history[sampler_id] = []
 

@@ -57,7 +57,8 @@ CHAT_BAD_BODIES = [
     (chat_body(min_p=2), "min_p"),
     (chat_body(repeat_penalty=0), "repeat_penalty"),
     (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
-    (chat_body(response_format={"type": "json_object"}), "response_format"),
+    (chat_body(response_format={"type": "xml"}), "response_format"),
+    (chat_body(response_format={"type": "json_schema"}), "response_format"),
     (chat_body(n=5), "n"),  # more choices than the fake's 4 slots
 ]
 

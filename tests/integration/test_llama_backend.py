@@ -415,3 +415,29 @@ def test_greedy_fast_path_picks_what_the_llama_cpp_chain_picks(clean: LlamaBacke
             position, logits_index = position + 1, 0
         clean.free_sampler(slot)
         clean.free_sampler(10 + slot)
+
+
+def test_greedy_with_a_grammar_follows_the_grammar_not_the_argmax(clean: LlamaBackend) -> None:
+    # Unconstrained, SmolLM2 continues "The capital of France is" with prose; the grammar allows only
+    # "yes" or "no" then end-of-generation, so the argmax fast path must not be taken.
+    params = SamplingParams(temperature=0.0, grammar='root ::= "yes" | "no"')
+    clean.new_sampler(0, params)
+    prompt = tokens_of(clean, PROMPTS[0])
+    clean.decode([BatchEntry(0, prompt, 0, True)])
+    index, position, text, ended = len(prompt) - 1, len(prompt), b"", False
+    for _ in range(8):
+        token = clean.sample(0, index, params).token
+        if clean.is_eog(token):
+            ended = True  # the grammar is complete: end-of-generation is all it allows
+            break
+        text += clean.piece(token)
+        clean.decode([BatchEntry(0, (token,), position, True)])
+        index, position = 0, position + 1
+    clean.free_sampler(0)
+    assert ended
+    assert text in (b"yes", b"no")
+
+
+def test_a_grammar_llama_cpp_rejects_is_a_backend_error(clean: LlamaBackend) -> None:
+    with pytest.raises(BackendError, match="grammar could not be compiled"):
+        clean.new_sampler(0, SamplingParams(grammar="root ::= undefined-rule"))

@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
+import pydantic
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -286,3 +288,104 @@ def test_full_queue_answers_429_with_retry_after(tmp_path: Path, live_cache_home
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
     finally:
         stop_server(server)
+
+
+# --- response_format: decoding constrained by a grammar compiled from the schema ---------------------------
+
+# Bounded (short strings, a small array, an enum), so every answer completes within max_tokens even at
+# temperature 1: a truncated answer would be max_tokens' fault, not the grammar's.
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 16},
+        "age": {"type": "integer"},
+        "mood": {"enum": ["happy", "sad", "calm"]},
+        "pets": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+        "nickname": {"anyOf": [{"type": "string", "maxLength": 8}, {"type": "null"}]},
+    },
+    "required": ["name", "age", "mood", "pets", "nickname"],
+    "additionalProperties": False,
+}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+PERSON_PROMPT = [{"role": "user", "content": "Describe a made-up person as JSON."}]
+
+
+class City(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=24)
+    country: str = pydantic.Field(max_length=24)
+    population: int
+    coastal: bool
+
+
+def test_parse_returns_the_pydantic_object(smollm2_server: LiveServer) -> None:
+    completion = sync_client(smollm2_server).chat.completions.parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me about Paris."}],
+        response_format=City,
+        max_tokens=200,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert isinstance(choice.message.parsed, City)
+    assert City.model_validate_json(choice.message.content or "") == choice.message.parsed
+
+
+def test_json_schema_every_choice_validates_at_temperature_one(smollm2_server: LiveServer) -> None:
+    completion = sync_client(smollm2_server).chat.completions.create(
+        model=MODEL,
+        messages=PERSON_PROMPT,  # type: ignore[arg-type]
+        response_format=PERSON_FORMAT,  # type: ignore[arg-type]
+        temperature=1.0,
+        n=3,
+        max_tokens=200,
+    )
+    assert len(completion.choices) == 3
+    for choice in completion.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content or ""), PERSON_SCHEMA)
+
+
+def test_json_schema_streamed_every_choice_validates(smollm2_server: LiveServer) -> None:
+    stream = sync_client(smollm2_server).chat.completions.create(
+        model=MODEL,
+        messages=PERSON_PROMPT,  # type: ignore[arg-type]
+        response_format=PERSON_FORMAT,  # type: ignore[arg-type]
+        temperature=1.0,
+        n=3,
+        max_tokens=200,
+        stream=True,
+    )
+    texts = ["", "", ""]
+    finish_reasons: list[str | None] = [None, None, None]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            finish_reasons[choice.index] = choice.finish_reason or finish_reasons[choice.index]
+    assert finish_reasons == ["stop"] * 3, texts
+    for text in texts:
+        jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+
+
+def test_json_object_output_parses(smollm2_server: LiveServer) -> None:
+    completion = sync_client(smollm2_server).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": 'Repeat this JSON: {"city": "Paris", "country": "France"}'}],
+        response_format={"type": "json_object"},
+        temperature=0,
+        max_tokens=300,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    assert isinstance(json.loads(choice.message.content or ""), dict)
+
+
+def test_unsupported_schema_feature_is_a_400_naming_it(smollm2_server: LiveServer) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 3}}, "required": ["n"]}
+    with pytest.raises(openai.BadRequestError) as caught:
+        sync_client(smollm2_server).chat.completions.create(
+            model=MODEL,
+            messages=PERSON_PROMPT,  # type: ignore[arg-type]
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+        )
+    assert caught.value.body["param"] == "response_format"  # type: ignore[index]
+    assert "minimum" in caught.value.body["message"]  # type: ignore[index]
