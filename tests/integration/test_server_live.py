@@ -271,7 +271,10 @@ def test_full_queue_answers_429_with_retry_after(tmp_path: Path, live_cache_home
             http.stream("POST", "/v1/chat/completions", json=long_request) as running,
         ):
             assert running.status_code == 200
-            next(running.iter_lines())  # the slot is busy now
+            # Keep the line iterator referenced: a discarded httpx iterator is closed at once, and closing it
+            # closes the connection, which frees the slot (a race this test once lost 1 time in 6).
+            lines = running.iter_lines()
+            next(lines)  # the slot is busy now
             refused = http.post("/v1/chat/completions", json={**long_request, "stream": False, "max_tokens": 4})
             assert refused.status_code == 429, refused.text
             assert int(refused.headers["retry-after"]) >= 1
