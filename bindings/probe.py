@@ -56,11 +56,11 @@ def _probe_model(model_path: Path) -> dict[str, Any]:
     weight_buffers = sorted(backend.memory_report().model_bytes)
     try:
         prompts = [backend.tokenize(text, add_special=True, parse_special=False) for text in PROBE_PROMPTS]
-        batched, continuations = _probe_decode(backend, prompts, slots=(0, 1), continuations=None)
+        batched, continuations = decode_steps(backend, prompts, slots=(0, 1), continuations=None)
         alone: list[list[npt.NDArray[np.float32]]] = []
         for slot in (0, 1):
             backend.apply([CacheOp("clear", slot=0), CacheOp("clear", slot=1)])
-            logits, _ = _probe_decode(backend, [prompts[slot]], slots=(slot,), continuations=[continuations[slot]])
+            logits, _ = decode_steps(backend, [prompts[slot]], slots=(slot,), continuations=[continuations[slot]])
             alone.append(logits[0])
     finally:
         backend.close()
@@ -79,14 +79,16 @@ def _probe_model(model_path: Path) -> dict[str, Any]:
     }
 
 
-def _probe_decode(
+def decode_steps(
     backend: LlamaBackend,
     prompts: Sequence[Sequence[int]],
     *,
     slots: Sequence[int],
     continuations: Sequence[Sequence[int]] | None,
+    n_steps: int = PROBE_STEPS,
 ) -> tuple[list[list[npt.NDArray[np.float32]]], list[list[int]]]:
-    """Prefill each prompt in its slot (one batch), then PROBE_STEPS one-token steps (one batch each).
+    """Prefill each prompt in its slot (one batch), then n_steps one-token steps (one batch each); the logits
+    after every decode, per slot, and the tokens fed.
 
     The tokens fed in the steps are the argmax of the previous logits, or `continuations` when given,
     so that a single-sequence rerun feeds exactly what the batched run fed.
@@ -94,14 +96,14 @@ def _probe_decode(
     logits: list[list[npt.NDArray[np.float32]]] = [[] for _ in slots]
     fed: list[list[int]] = [[] for _ in slots]
     entries = [BatchEntry(slot, tuple(prompt), 0, True) for slot, prompt in zip(slots, prompts, strict=True)]
-    for step in range(PROBE_STEPS + 1):
+    for step in range(n_steps + 1):
         backend.decode(entries)
         index = -1
         next_entries = []
         for position, entry in enumerate(entries):
             index += len(entry.tokens)
             logits[position].append(backend.logits(index))
-            if step == PROBE_STEPS:
+            if step == n_steps:
                 continue
             token = continuations[position][step] if continuations else int(np.argmax(logits[position][-1]))
             fed[position].append(token)

@@ -197,8 +197,8 @@ class Scheduler:
             self._in_flight = None
         # Every entry the backend may hold is dropped at the next step, so none is orphaned there.
         self._pending_drops |= self.prompt_cache_entry_ids()
-        self._prompt_cache.clear()
-        self._count_cache()
+        for tokens in list(self._prompt_cache):
+            self._cache_remove(tokens)
         return events
 
     # --- one step --------------------------------------------------------------------------------
@@ -254,9 +254,8 @@ class Scheduler:
         entries the index knows."""
         touched = {op.entry for op in plan.ops if op.kind in ("stash", "load", "drop")}
         for tokens in [t for t, entry in self._prompt_cache.items() if entry.entry_id in touched]:
-            del self._prompt_cache[tokens]
+            self._cache_remove(tokens)
         self._pending_drops |= touched
-        self._count_cache()
 
     # --- planning helpers ------------------------------------------------------------------------
     def _plan_pending_memory_ops(self, plan: StepPlan) -> None:
@@ -367,8 +366,9 @@ class Scheduler:
         """Save what `slot` holds into the prompt cache before it is overwritten, first dropping least recently
         used entries (never `keep`) until it fits; True when the slot's contents are in the cache afterwards.
 
-        Skipped (and counted) when the state is larger than the whole cache, when it cannot fit beside `keep`,
-        and, unless `idle`, when streams are running and copying it would stall them for more than a step."""
+        Skipped when the state is larger than the whole cache, when it cannot fit beside `keep`, and, unless
+        `idle`, when streams are running and copying it would stall them for more than a step; a skip is
+        counted unless `idle` (an idle stash is optional: the slot keeps its state)."""
         tokens = tuple(slot.cached_tokens)
         budget = self.config.prompt_cache_bytes
         if not budget or len(tokens) < self.config.snapshot_min_tokens:
@@ -380,14 +380,14 @@ class Scheduler:
         n_bytes = self._state_size(slot.index)
         kept_bytes = self._prompt_cache[keep].n_bytes if keep is not None else 0
         if n_bytes + kept_bytes > budget or (not idle and self._stash_would_stall(n_bytes)):
-            self.counters.n_prompt_cache_stashes_skipped += 1
+            if not idle:  # an idle stash that does not fit loses nothing: the slot still holds its state
+                self.counters.n_prompt_cache_stashes_skipped += 1
             return False
         self._make_room(plan, n_bytes, keep)
         entry = CacheEntry(self._next_entry_id, n_bytes)
         self._next_entry_id += 1
-        self._prompt_cache[tokens] = entry
+        self._cache_add(tokens, entry)
         plan.ops.append(CacheOp("stash", slot.index, entry=entry.entry_id, n_bytes=n_bytes))
-        self._count_cache()
         return True
 
     def _stash_would_stall(self, n_bytes: int) -> bool:
@@ -401,14 +401,21 @@ class Scheduler:
         budget = self.config.prompt_cache_bytes
         while self.counters.prompt_cache_bytes + n_bytes > budget:
             tokens = next(t for t in self._prompt_cache if t != keep)
-            evicted = self._prompt_cache.pop(tokens)
+            evicted = self._cache_remove(tokens)
             plan.ops.append(CacheOp("drop", 0, entry=evicted.entry_id))
             self.counters.n_prompt_cache_evictions += 1
-            self._count_cache()
 
-    def _count_cache(self) -> None:
-        self.counters.prompt_cache_entries = len(self._prompt_cache)
-        self.counters.prompt_cache_bytes = sum(entry.n_bytes for entry in self._prompt_cache.values())
+    # The index and its byte and entry counts change together, only here.
+    def _cache_add(self, tokens: tuple[int, ...], entry: CacheEntry) -> None:
+        self._prompt_cache[tokens] = entry
+        self.counters.prompt_cache_entries += 1
+        self.counters.prompt_cache_bytes += entry.n_bytes
+
+    def _cache_remove(self, tokens: tuple[int, ...]) -> CacheEntry:
+        entry = self._prompt_cache.pop(tokens)
+        self.counters.prompt_cache_entries -= 1
+        self.counters.prompt_cache_bytes -= entry.n_bytes
+        return entry
 
     def _stash_an_idle_slot(self, plan: StepPlan) -> None:
         """With nothing else to do, save one free slot's contents that the cache lacks: a later request that
@@ -416,12 +423,12 @@ class Scheduler:
         request arriving now waits for at most one stash)."""
         for slot in self.slots:
             tokens = slot.cached_tokens
-            if len(tokens) >= self.config.snapshot_min_tokens and tuple(tokens) not in self._prompt_cache:
-                n_skipped = self.counters.n_prompt_cache_stashes_skipped
-                if self._stash(plan, slot, idle=True):
-                    return
-                # too big for the cache: not a loss (the slot still holds it), and it would be re-counted each poll
-                self.counters.n_prompt_cache_stashes_skipped = n_skipped
+            if (
+                len(tokens) >= self.config.snapshot_min_tokens
+                and tuple(tokens) not in self._prompt_cache
+                and self._stash(plan, slot, idle=True)
+            ):
+                return
 
     def _apply_reuse_bookkeeping(self, slot: Slot, n_reuse: int, op: CacheOp | None) -> None:
         if op is not None and op.kind == "restore":

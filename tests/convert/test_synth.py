@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bindings.llama_backend import LlamaBackend, LlamaBackendConfig
+from bindings.probe import decode_steps
 from bindings.protocol import BatchEntry, CacheOp
 from convert.synth import (
     CHATML_TEMPLATE,
@@ -276,42 +277,16 @@ def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
-def _run(
-    backend: LlamaBackend, prompts: list[list[int]], slots: tuple[int, ...], feed: list[list[int]] | None = None
-) -> tuple[list[list[np.ndarray]], list[list[int]]]:
-    """Prefill each prompt in its slot (one batch), then N_STEPS one-token steps (one batch each).
-
-    Each step feeds the argmax of the previous logits, or `feed` when given (so a rerun feeds the same).
-    Returns the logits after every decode, per slot, and the tokens fed.
-    """
-    logits: list[list[np.ndarray]] = [[] for _ in slots]
-    fed: list[list[int]] = [[] for _ in slots]
-    entries = [BatchEntry(slot, tuple(prompt), 0, True) for slot, prompt in zip(slots, prompts, strict=True)]
-    for step in range(N_STEPS + 1):
-        backend.decode(entries)
-        index = -1
-        next_entries = []
-        for position, entry in enumerate(entries):
-            index += len(entry.tokens)
-            logits[position].append(backend.logits(index))
-            if step < N_STEPS:
-                token = feed[position][step] if feed else int(np.argmax(logits[position][-1]))
-                fed[position].append(token)
-                next_entries.append(BatchEntry(entry.slot, (token,), entry.start_pos + len(entry.tokens), True))
-        entries = next_entries
-    return logits, fed
-
-
 def _batched_and_alone(model_path: Path) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
     """Three prompts decoded together in slots 0-2, then each alone in slot 3, fed the same tokens."""
     backend = _open(model_path)
     try:
         prompts = [backend.tokenize(text, add_special=True, parse_special=False) for text in PROMPTS]
-        batched, fed = _run(backend, prompts, (0, 1, 2))
+        batched, fed = decode_steps(backend, prompts, slots=(0, 1, 2), continuations=None, n_steps=N_STEPS)
         alone = []
         for index, prompt in enumerate(prompts):
             backend.apply([CacheOp("clear", slot=slot) for slot in range(4)])
-            logits, _ = _run(backend, [prompt], (3,), feed=[fed[index]])
+            logits, _ = decode_steps(backend, [prompt], slots=(3,), continuations=[fed[index]], n_steps=N_STEPS)
             alone.append(logits[0])
     finally:
         backend.close()
@@ -438,7 +413,7 @@ def test_greedy_continuations_depend_on_the_prompt(tmp_path: Path, arch: str) ->
     backend = _open(write_synthetic_model(arch, tmp_path / "m.gguf"))
     try:
         prompts = [backend.tokenize(text, add_special=True, parse_special=False) for text in PROMPTS]
-        _, continuations = _run(backend, prompts, (0, 1, 2))
+        _, continuations = decode_steps(backend, prompts, slots=(0, 1, 2), continuations=None, n_steps=N_STEPS)
     finally:
         backend.close()
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 # Short questions SmolLM2 answers differently, for tests that compare concurrent answers with solo ones.
@@ -173,3 +174,24 @@ def smollm2_server(tmp_path_factory: pytest.TempPathFactory, live_cache_home: Ca
     stop_server(server)
     # uvicorn re-raises SIGTERM after its graceful shutdown, so a clean stop reads as -SIGTERM
     assert server.process.returncode in (0, -signal.SIGTERM), server.log()
+
+
+async def stream_chat(client: openai.AsyncOpenAI, prompt: str, max_tokens: int = 48) -> tuple[str, str | None, int]:
+    stream = await client.chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": prompt}],
+        temperature=0,
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts: list[str] = []
+    finish_reason = None
+    completion_tokens = -1
+    async for chunk in stream:
+        if chunk.usage is not None:
+            completion_tokens = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            parts.append(choice.delta.content or "")
+            finish_reason = choice.finish_reason or finish_reason
+    return "".join(parts), finish_reason, completion_tokens

@@ -20,7 +20,15 @@ import openai
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import CHAT_PROMPTS, N_SLOTS, CacheHome, LiveServer, start_server, stop_server
+from tests.integration.conftest import (
+    CHAT_PROMPTS,
+    N_SLOTS,
+    CacheHome,
+    LiveServer,
+    start_server,
+    stop_server,
+    stream_chat,
+)
 
 MODEL = "smollm2-135m-instruct"
 LONG_PROMPT = "Tell me a very long story about dragons."
@@ -89,23 +97,11 @@ def chat(server: LiveServer, prompt: str, max_tokens: int) -> str:
     return answer.choices[0].message.content or ""
 
 
-async def stream_chat(server: LiveServer, prompt: str, max_tokens: int) -> tuple[str, int]:
+async def stream_answer(server: LiveServer, prompt: str, max_tokens: int) -> tuple[str, int]:
+    """A streamed answer at temperature 0 and its completion_tokens."""
     client = openai.AsyncOpenAI(base_url=server.api_url, api_key="unused", max_retries=0, timeout=LIVENESS_S)
-    stream = await client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": prompt}],
-        temperature=0,
-        max_tokens=max_tokens,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    parts: list[str] = []
-    n_tokens = -1
-    async for chunk in stream:
-        if chunk.usage is not None:
-            n_tokens = chunk.usage.completion_tokens
-        parts += [choice.delta.content or "" for choice in chunk.choices]
-    return "".join(parts), n_tokens
+    text, _, n_tokens = await stream_chat(client, prompt, max_tokens)
+    return text, n_tokens
 
 
 def slots(server: LiveServer) -> list[dict[str, Any]]:
@@ -160,7 +156,7 @@ def test_client_reset_mid_stream_frees_its_slot_and_spares_the_other_streams(smo
     before = generated_tokens(server)
 
     async def scenario() -> tuple[str, list[tuple[str, int]]]:
-        others = [asyncio.create_task(stream_chat(server, prompt, 48)) for prompt in prompts]
+        others = [asyncio.create_task(stream_answer(server, prompt, 48)) for prompt in prompts]
         raw = await asyncio.to_thread(RawStream, server, long_stream_payload(max_tokens))
         events = [await asyncio.to_thread(raw.next_event) for _ in range(3)]
         assert holds(server, events[0]["id"]), "the stream being reset holds a slot"
@@ -220,7 +216,7 @@ def test_slow_reader_keeps_memory_bounded_and_does_not_hold_up_others(smollm2_se
         return sum(slot["n_generated_tokens"] for slot in holds(server, request_id))
 
     async def others() -> list[tuple[str, int]]:
-        return list(await asyncio.gather(*(stream_chat(server, prompt, 48) for prompt in prompts)))
+        return list(await asyncio.gather(*(stream_answer(server, prompt, 48) for prompt in prompts)))
 
     results = asyncio.run(others())  # while the slow client's six slots keep generating
     assert [text for text, _ in results] == solo

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import CHAT_PROMPTS as PROMPTS
-from tests.integration.conftest import N_SLOTS, CacheHome, LiveServer, start_server, stop_server
+from tests.integration.conftest import N_SLOTS, CacheHome, LiveServer, start_server, stop_server, stream_chat
 
 MODEL = "smollm2-135m-instruct"
 
@@ -32,27 +32,6 @@ def chat(server: LiveServer, prompt: str, max_tokens: int = 48) -> openai.types.
     return sync_client(server).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=max_tokens
     )
-
-
-async def stream_chat(client: openai.AsyncOpenAI, prompt: str, max_tokens: int = 48) -> tuple[str, str | None, int]:
-    stream = await client.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": prompt}],
-        temperature=0,
-        max_tokens=max_tokens,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    parts: list[str] = []
-    finish_reason = None
-    completion_tokens = -1
-    async for chunk in stream:
-        if chunk.usage is not None:
-            completion_tokens = chunk.usage.completion_tokens
-        for choice in chunk.choices:
-            parts.append(choice.delta.content or "")
-            finish_reason = choice.finish_reason or finish_reason
-    return "".join(parts), finish_reason, completion_tokens
 
 
 def test_chat_answers_are_sensible(smollm2_server: LiveServer) -> None:
