@@ -59,6 +59,7 @@ from bench.load import (
     LoadPlan,
     discover_model,
     format_reports,
+    json_schema_format,
     load_prompts,
     parse_levels,
     plot_reports,
@@ -118,6 +119,9 @@ class CompareSettings:
     ceiling: bool = True
     # Prompt length given to llama-batched-bench; None: the servers' mean chat prompt, asked of llama-server.
     ceiling_prompt_tokens: int | None = None
+    # Every request constrained to this response_format (a json_schema workload); the ceiling has no grammar,
+    # so it is not run then.
+    response_format: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -641,6 +645,7 @@ async def _run_rounds(
             concurrency_levels=(concurrency,),
             requests_per_level=(n_requests,),
             banned_token_ids=(banned,) if name == LLAMA_CPP_PYTHON and banned is not None else (),
+            response_format=settings.response_format,
         )
         label = f"{name} r{round_index + 1}" if settings.rounds > 1 else name
         parts[name][round_index].append(await run_load(plan, label, show_progress=show_progress))
@@ -731,6 +736,7 @@ def compare_to_json(
             "anchor_ban_eos": settings.anchor_ban_eos,
             "rounds": settings.rounds,
             "yardstick_repack": settings.yardstick_repack,
+            "response_format": None if settings.response_format is None else dict(settings.response_format),
             "yardstick_no_repack": result.yardstick_no_repack,
             "ours_repacks": result.ours_repacks,
             "ceiling_commands": result.ceiling_commands,
@@ -797,6 +803,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--source-dir", type=Path, help="extracted vendor/llama.cpp (default: pip download)")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS_PATH)
+    parser.add_argument(
+        "--json-schema",
+        type=Path,
+        help="grammar workload: every answer constrained to this JSON schema (e.g. bench/schemas/answer.json); "
+        "implies --no-ceiling",
+    )
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument(
         "--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "qwen3-local-bench", help="servers' logs"
@@ -834,8 +846,9 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
         anchor_ban_eos=not args.no_anchor_ban_eos,
         rounds=args.rounds,
         yardstick_repack=args.yardstick_repack,
-        ceiling=not args.no_ceiling,
+        ceiling=not args.no_ceiling and args.json_schema is None,
         ceiling_prompt_tokens=args.ceiling_prompt_tokens,
+        response_format=None if args.json_schema is None else json_schema_format(args.json_schema),
     )
 
 

@@ -19,7 +19,7 @@ import ipaddress
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,9 @@ class LoadPlan:
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     level_timeout_s: float = DEFAULT_LEVEL_TIMEOUT_S
     warmup_requests: int = 1
+    # A `response_format` every request carries (a json_schema workload: grammar-constrained decoding). The
+    # grammar ends each answer, so such a plan does not ask for ignore_eos.
+    response_format: Mapping[str, Any] | None = None
 
 
 def require_loopback(base_url: str) -> str:
@@ -107,6 +110,17 @@ def load_prompts(path: Path) -> tuple[str, ...]:
     return tuple(prompts)
 
 
+def json_schema_format(path: Path) -> dict[str, Any]:
+    """A json_schema response_format from a file holding the schema (named after the file)."""
+    try:
+        schema = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LoadError(f"cannot read a JSON schema from {path}: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise LoadError(f"{path} must hold a JSON schema object")
+    return {"type": "json_schema", "json_schema": {"name": path.stem, "schema": schema, "strict": True}}
+
+
 def chat_request_body(plan: LoadPlan, prompt: str, send_extras: bool) -> dict[str, Any]:
     """The streaming chat request; `send_extras` adds llama.cpp's ignore_eos/n_predict (not OpenAI fields)."""
     body: dict[str, Any] = {
@@ -119,7 +133,9 @@ def chat_request_body(plan: LoadPlan, prompt: str, send_extras: bool) -> dict[st
     }
     if plan.banned_token_ids:
         body["logit_bias"] = {str(token_id): -100 for token_id in plan.banned_token_ids}
-    if send_extras:
+    if plan.response_format is not None:
+        body["response_format"] = dict(plan.response_format)
+    if send_extras and plan.response_format is None:
         body["ignore_eos"] = True
         body["n_predict"] = plan.max_tokens
     return body
@@ -540,6 +556,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, help="write a PNG of throughput and TTFT against concurrency")
     parser.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos/n_predict")
     parser.add_argument(
+        "--json-schema", type=Path, help="constrain every answer to this JSON schema (response_format json_schema)"
+    )
+    parser.add_argument(
         "--ban-token-id",
         type=int,
         action="append",
@@ -573,6 +592,7 @@ def plan_from_args(args: argparse.Namespace, model: str) -> LoadPlan:
         request_timeout_s=args.request_timeout,
         level_timeout_s=args.level_timeout,
         warmup_requests=max(args.warmup, 0),
+        response_format=None if args.json_schema is None else json_schema_format(args.json_schema),
     )
 
 

@@ -13,7 +13,7 @@ may call it at request time. Conversions are cached: the same schema compiles on
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -63,13 +63,8 @@ def _compiled(canonical: str) -> str:
         converter.visit(resolved, "")  # type: ignore[no-untyped-call]
     except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
         raise UnsupportedSchemaError(f"the schema cannot be converted to a grammar: {exc}") from exc
-    grammar = str(converter.format_grammar())  # type: ignore[no-untyped-call]
-    # The converter's string character admits raw control characters (U+0000..U+001F), which JSON forbids
-    # inside strings: a sampled newline would make the answer unparseable. Narrow it as llama.cpp's does.
-    loose_char = 'char ::= [^"\\\\] |'
-    if loose_char in grammar:
-        grammar = grammar.replace(loose_char, 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
-    return grammar
+    # A sampled raw newline inside a string would make the answer unparseable: see _narrowed_chars.
+    return _narrowed_chars(str(converter.format_grammar()))  # type: ignore[no-untyped-call]
 
 
 def cache_info() -> Any:
@@ -83,6 +78,7 @@ def _check_node(node: Any, where: str) -> None:
     unknown = sorted(key for key in node if key not in _ANNOTATIONS and key not in _CONSTRAINTS)
     if unknown:
         raise UnsupportedSchemaError(f"{where}: unsupported JSON Schema keyword(s) {', '.join(unknown)}")
+    _check_shapes(node, where)
     constraints = {key for key in node if key in _CONSTRAINTS}
     # The converter reads the first of these it finds and ignores every sibling constraint.
     for exclusive in ("$ref", "anyOf"):
@@ -133,3 +129,103 @@ def _check_node(node: Any, where: str) -> None:
     for container in ("$defs", "definitions"):
         for name, sub in node.get(container, {}).items():
             _check_node(sub, f"{where}.{container}.{name}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# What each keyword's value must be, so that a malformed schema is refused by name rather than tripping the
+# checks or the converter (a request's schema is untrusted input).
+_SHAPES: dict[str, tuple[str, Any]] = {
+    "type": ("a type name or a list of them", lambda v: isinstance(v, str | list)),
+    "properties": ("an object", lambda v: isinstance(v, dict)),
+    "$defs": ("an object", lambda v: isinstance(v, dict)),
+    "definitions": ("an object", lambda v: isinstance(v, dict)),
+    "required": ("a list of property names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
+    "additionalProperties": ("a boolean or a schema", lambda v: isinstance(v, bool | dict)),
+    "items": ("a schema object", lambda v: isinstance(v, dict)),
+    "enum": ("a non-empty list", lambda v: isinstance(v, list) and bool(v)),
+    "anyOf": ("a non-empty list of schemas", lambda v: isinstance(v, list) and bool(v)),
+    "format": ("a string", lambda v: isinstance(v, str)),
+    "minItems": ("a non-negative integer", _is_count),
+    "maxItems": ("a non-negative integer", _is_count),
+    "minLength": ("a non-negative integer", _is_count),
+    "maxLength": ("a non-negative integer", _is_count),
+}
+
+
+def _check_shapes(node: dict[str, Any], where: str) -> None:
+    for key, (expected, fits) in _SHAPES.items():
+        if key in node and not fits(node[key]):
+            raise UnsupportedSchemaError(f"{where}: {key} must be {expected}")
+    schema_type = node.get("type")
+    if isinstance(schema_type, list) and not all(isinstance(name, str) for name in schema_type):
+        raise UnsupportedSchemaError(f"{where}: type must be a type name or a list of them")
+
+
+# A reasoning block a tool-call grammar lets the model write before its calls: "open" when the prompt
+# already opened <think> (Qwen3 thinking templates), "optional" when the model may open one itself. Its text
+# may hold "<" but not "</" (so it cannot run past </think>).
+_THINK_TEXT = 'think-text ::= ( [^<] | "<" [^/] )*'
+_THINK_PREFIXES = {
+    "open": 'think ::= think-text "</think>" [ \\t\\n]{0,4}',
+    "optional": 'think ::= ( "<think>" think-text "</think>" [ \\t\\n]{0,4} )?',
+}
+
+
+def tool_call_grammar(
+    tools: Sequence[tuple[str, Mapping[str, Any] | None]],
+    *,
+    open_tag: str,
+    close_tag: str,
+    parallel: bool,
+    reasoning: str = "",
+) -> str:
+    """The GBNF grammar of one tool call, or of several separated by newlines when `parallel`:
+    `{open_tag}\\n{"name": NAME, "arguments": ARGS}\\n{close_tag}`, NAME one of the tools' names and ARGS valid
+    under that tool's parameters schema (None: any object). `reasoning` ("", "open", "optional") allows a
+    <think> block first. A schema the converter cannot enforce raises UnsupportedSchemaError naming
+    `tools[i].function.parameters`. Cached like schema_grammar."""
+    key = json.dumps([[name, params] for name, params in tools], separators=(",", ":"))
+    return _compiled_tool_calls(key, open_tag, close_tag, parallel, reasoning)
+
+
+@lru_cache(maxsize=128)
+def _compiled_tool_calls(key: str, open_tag: str, close_tag: str, parallel: bool, reasoning: str) -> str:
+    converter = SchemaConverter(  # type: ignore[no-untyped-call]
+        prop_order={"name": 0, "arguments": 1}, allow_fetch=False, dotall=False, raw_pattern=False
+    )
+    alternatives = []
+    for index, (name, params) in enumerate(json.loads(key)):
+        where = f"tools[{index}].function.parameters"
+        arguments = {"type": "object"} if params is None else params
+        _check_node(arguments, where)
+        try:
+            # Each tool's $refs resolve inside its own parameters (a distinct base URL per tool).
+            resolved = converter.resolve_refs(arguments, f"tool{index}")
+            call = {
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": resolved},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            alternatives.append(converter.visit(call, f"tool-{index}"))  # type: ignore[no-untyped-call]
+        except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
+            raise UnsupportedSchemaError(f"{where}: the schema cannot be converted to a grammar: {exc}") from exc
+    lines = [_narrowed_chars(str(converter.format_grammar()))]  # type: ignore[no-untyped-call]
+    literal = json.dumps  # a GBNF string literal is written like a JSON string
+    opening, closing = literal(open_tag + "\n"), literal("\n" + close_tag)
+    lines.append(f"tool-call ::= {opening} ( {' | '.join(alternatives)} ) {closing}")
+    calls = 'tool-call ( "\\n" tool-call )*' if parallel else "tool-call"
+    if reasoning:
+        lines += [_THINK_TEXT, _THINK_PREFIXES[reasoning], f"root ::= think {calls}"]
+    else:
+        lines.append(f"root ::= {calls}")
+    return "\n".join(lines)
+
+
+def _narrowed_chars(grammar: str) -> str:
+    """The converter's string character admits raw control characters (U+0000..U+001F), which JSON forbids
+    inside strings: narrow it as llama.cpp's converter does."""
+    return grammar.replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')

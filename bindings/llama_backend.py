@@ -17,7 +17,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -26,6 +26,7 @@ import llama_cpp.llama_cpp as llama
 import numpy as np
 import numpy.typing as npt
 
+from bindings.constrained import SHORTLIST, Candidates, ConstrainedPlan, GrammarGate, sample_constrained
 from bindings.devices import GgmlDevices, buffer_type_overrides
 from bindings.llama_log import LLAMA_LOG_CALLBACK, LogCapture, failure_detail
 from bindings.memory_report import MemoryReport, parse_memory_report
@@ -123,6 +124,15 @@ def _default_thread_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _biased(logits: npt.NDArray[np.float32], biases: _GreedyBiases) -> npt.NDArray[np.float32]:
+    """The logits as a chain's logit-bias stage leaves them (a copy only when some bias applies)."""
+    if not biases.tokens:
+        return logits
+    biased = logits.copy()
+    biased[biases.token_array] += biases.bias_array
+    return biased
+
+
 def _load_mode(use_mmap: bool, use_mlock: bool) -> int:
     if use_mmap:
         return llama.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mlock else llama.LLAMA_LOAD_MODE_MMAP
@@ -166,10 +176,17 @@ class LlamaBackend:
         self._batch: llama.llama_batch | None = None
         self._samplers: dict[int, Any] = {}
         self._greedy_biases: dict[int, _GreedyBiases] = {}  # samplers whose chain is an argmax (see _greedy_token)
+        self._grammars: dict[int, GrammarGate] = {}  # kept out of the chains: checked token-first (constrained.py)
+        self._candidates: Candidates | None = None  # the full-vocabulary candidate array, made on first use
         self._saved_states: dict[int, tuple[bytearray, int]] = {}  # per-slot snapshots ("save"/"restore")
         self._prompt_cache: dict[int, tuple[bytearray, int]] = {}  # stashed states by entry id ("stash"/"load")
         self._output_indices: frozenset[int] = frozenset()  # batch indices with logits, last decode
         self._pending_output_indices: frozenset[int] = frozenset()  # those of the batch being decoded
+        # Prompt logprobs: (slot, first batch index, targets, top-N) of the batch being decoded, and the
+        # logprobs of the last decode by slot (computed right after it: llama.cpp's logits of a chunk are
+        # overwritten by the next decode, and nothing here keeps n_vocab floats per position).
+        self._pending_prompt_targets: list[tuple[int, int, tuple[int, ...], int]] = []
+        self._prompt_logprobs: dict[int, tuple[TokenLogprob, ...]] = {}
         self._config = config
         model_path = Path(model_path)
         if not model_path.is_file():
@@ -316,6 +333,17 @@ class LlamaBackend:
     def memory_report(self) -> MemoryReport:
         return self._memory_report
 
+    @property
+    def model_handle(self) -> Any:
+        """The loaded llama_model, for a second context on the same weights (bindings/embedder.py); it
+        stays valid until close(), which must come after that context is freed."""
+        self._check_open()
+        return self._model
+
+    @property
+    def config(self) -> LlamaBackendConfig:
+        return self._config
+
     def apply(self, ops: Sequence[CacheOp]) -> None:
         self._check_open()
         for op in ops:
@@ -386,6 +414,7 @@ class LlamaBackend:
     def decode(self, entries: Sequence[BatchEntry]) -> None:
         self._check_open()
         self._output_indices = frozenset()
+        self._prompt_logprobs = {}
         n_tokens = self._fill_batch(entries)
         self._route_log_here()
         self._log_capture.drain()
@@ -395,6 +424,18 @@ class LlamaBackend:
             detail = failure_detail(self._log_capture.drain())
             raise DecodeError(f"llama_decode failed with {status} ({meaning}) on {n_tokens} tokens: {detail}")
         self._output_indices = self._pending_output_indices
+        self._compute_prompt_logprobs()
+
+    def _compute_prompt_logprobs(self) -> None:
+        """Each wanted position's next-token logprob (and top-N), from its row of the decode's logits."""
+        for slot, first_index, targets, n_top in self._pending_prompt_targets:
+            self._prompt_logprobs[slot] = tuple(
+                self._logprob(target, first_index + offset, n_top) for offset, target in enumerate(targets)
+            )
+
+    def prompt_logprobs(self, slot: int) -> tuple[TokenLogprob, ...]:
+        self._check_open()
+        return self._prompt_logprobs.get(slot, ())
 
     def _fill_batch(self, entries: Sequence[BatchEntry]) -> int:
         """Write the entries into the preallocated batch in order; return the number of tokens."""
@@ -404,6 +445,7 @@ class LlamaBackend:
         if n_tokens > self._info.n_batch:
             raise DecodeError(f"{n_tokens} tokens in one decode exceed n_batch={self._info.n_batch}")
         outputs = []
+        self._pending_prompt_targets = []
         start = 0
         try:
             for entry in entries:
@@ -420,6 +462,8 @@ class LlamaBackend:
                 if entry.logits_last and end > start:
                     self._batch_output_flags[end - 1] = 1
                     outputs.append(end - 1)
+                if entry.logprob_targets:
+                    outputs += self._want_prompt_logits(entry, start)
                 start = end
         except OverflowError as exc:
             raise DecodeError(f"a token id or position does not fit llama.cpp's int32: {exc}") from exc
@@ -428,9 +472,21 @@ class LlamaBackend:
         self._pending_output_indices = frozenset(outputs)
         return n_tokens
 
+    def _want_prompt_logits(self, entry: BatchEntry, start: int) -> list[int]:
+        """Ask llama.cpp for logits on the entry's positions whose next token's logprob is wanted."""
+        n_targets = len(entry.logprob_targets)
+        if n_targets > len(entry.tokens):
+            raise DecodeError(f"slot {entry.slot}: {n_targets} logprob targets for {len(entry.tokens)} tokens")
+        self._batch_output_flags[start : start + n_targets] = 1
+        self._pending_prompt_targets.append((entry.slot, start, entry.logprob_targets, entry.top_logprobs))
+        return list(range(start, start + n_targets))
+
     def new_sampler(self, sampler_id: int, params: SamplingParams) -> None:
         self._check_open()
         self.free_sampler(sampler_id)
+        grammar = self._new_grammar(params)  # first: it is the part that can fail
+        if grammar is not None:
+            self._grammars[sampler_id] = grammar
         self._samplers[sampler_id] = self._build_sampler_chain(params)
         greedy_biases = self._argmax_biases(params)
         if greedy_biases is not None:
@@ -439,8 +495,6 @@ class LlamaBackend:
     def _argmax_biases(self, params: SamplingParams) -> _GreedyBiases | None:
         """For a chain that is only non-positive logit biases + greedy (stateless: nothing to accept), the biases
         an argmax must respect; None when the chain has to run (penalties, or a bias that can raise a token)."""
-        if params.grammar is not None:
-            return None  # the grammar stage must run and accept every token, or it would not constrain
         if not params.greedy or params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             return None
         biases = dict(params.logit_bias)
@@ -469,19 +523,6 @@ class LlamaBackend:
                 *(llama.llama_logit_bias(token, bias) for token, bias in biases.items())
             )
             stages.append(llama.llama_sampler_init_logit_bias(self._n_vocab, len(biases), entries))
-        if params.grammar is not None:
-            # First after the biases, so every later stage (penalties, top-k/p, temperature) only sees tokens
-            # the grammar allows; llama_sampler_sample accepts each chosen token into it, advancing it.
-            self._route_log_here()
-            self._log_capture.drain()
-            grammar = llama.llama_sampler_init_grammar(self._vocab, params.grammar.encode(), b"root")
-            if not grammar:
-                for stage in stages:
-                    llama.llama_sampler_free(stage)
-                llama.llama_sampler_free(chain)
-                detail = failure_detail(self._log_capture.drain())
-                raise BackendError(f"the grammar could not be compiled: {detail}")
-            stages.append(grammar)
         if params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
             stages.append(
                 llama.llama_sampler_init_penalties(
@@ -508,8 +549,30 @@ class LlamaBackend:
             llama.llama_sampler_chain_add(chain, stage)  # the chain owns and frees its stages
         return chain
 
+    def _new_grammar(self, params: SamplingParams) -> GrammarGate | None:
+        """The request's grammar sampler; it acts first, before biases, penalties and top-k/p (see sample)."""
+        if params.grammar is None:
+            return None
+        self._route_log_here()
+        self._log_capture.drain()
+        if params.grammar_triggers:  # lazy (tool_choice auto): enforced only from a trigger's match on
+            patterns = (ctypes.c_char_p * len(params.grammar_triggers))(
+                *(trigger.encode() for trigger in params.grammar_triggers)
+            )
+            grammar = llama.llama_sampler_init_grammar_lazy_patterns(
+                self._vocab, params.grammar.encode(), b"root", patterns, len(patterns), None, 0
+            )
+        else:
+            grammar = llama.llama_sampler_init_grammar(self._vocab, params.grammar.encode(), b"root")
+        if not grammar:
+            raise BackendError(f"the grammar could not be compiled: {failure_detail(self._log_capture.drain())}")
+        return GrammarGate(grammar)
+
     def free_sampler(self, sampler_id: int) -> None:
         self._greedy_biases.pop(sampler_id, None)
+        grammar = self._grammars.pop(sampler_id, None)
+        if grammar is not None:
+            grammar.free()
         chain = self._samplers.pop(sampler_id, None)
         if chain is not None:
             llama.llama_sampler_free(chain)
@@ -522,13 +585,45 @@ class LlamaBackend:
         if logits_index not in self._output_indices:
             raise BackendError(f"the last decode produced no logits at batch index {logits_index}")
         greedy_biases = self._greedy_biases.get(sampler_id)
-        if greedy_biases is None:
+        grammar = self._grammars.get(sampler_id)
+        if grammar is not None:
+            token = self._constrained_token(chain, grammar, logits_index, params, greedy_biases)
+        elif greedy_biases is None:
             token = llama.llama_sampler_sample(chain, self._ctx, logits_index)
         else:
             token = self._greedy_token(logits_index, greedy_biases)
         if not params.logprobs:
             return SampledToken(token=token)
         return SampledToken(token=token, logprob=self._logprob(token, logits_index, params.top_logprobs))
+
+    def _constrained_token(
+        self,
+        chain: Any,
+        grammar: GrammarGate,
+        logits_index: int,
+        params: SamplingParams,
+        greedy_biases: _GreedyBiases | None,
+    ) -> int:
+        if self._candidates is None:
+            self._candidates = Candidates(self._n_vocab)
+        logits = self._logits_view(logits_index)
+        plan = self._constrained_plan(logits, params, greedy_biases)
+        return sample_constrained(chain, grammar, self._candidates, logits, plan)
+
+    def _constrained_plan(
+        self, logits: npt.NDArray[np.float32], params: SamplingParams, greedy_biases: _GreedyBiases | None
+    ) -> ConstrainedPlan:
+        """Which shortcuts are exact for this request's chain (see bindings/constrained.py): a shortlist ranked
+        by the biased logits holds the answer only when nothing after the biases reorders tokens before the
+        chain's own ranking stage (argmax or top-k), i.e. no penalties."""
+        if greedy_biases is not None:  # biases (none positive) + argmax
+            return ConstrainedPlan(stateless_argmax=True, shortlist_scores=_biased(logits, greedy_biases))
+        no_penalties = params.repeat_penalty == 1.0 and not params.frequency_penalty and not params.presence_penalty
+        top_k_sampling = not params.greedy and 0 < params.top_k <= SHORTLIST // 4
+        biases = self._argmax_biases(replace(params, temperature=0.0)) if no_penalties else None
+        if top_k_sampling and biases is not None:
+            return ConstrainedPlan(False, shortlist_scores=_biased(logits, biases), min_allowed=params.top_k)
+        return ConstrainedPlan(stateless_argmax=False, shortlist_scores=None)
 
     def _greedy_token(self, logits_index: int, biases: _GreedyBiases) -> int:
         """What the logit-bias + greedy chain picks, without it: llama_sampler_sample copies all n_vocab logits

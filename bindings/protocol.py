@@ -44,6 +44,9 @@ class SamplingParams:
     logprobs: bool = False  # return the chosen token's log-probability
     top_logprobs: int = 0  # and this many alternatives per position (0..20)
     grammar: str | None = None  # GBNF text (root rule "root") every answer must match: response_format
+    # Non-empty: the grammar is lazy (tool_choice auto): free text until one of these regexes matches the
+    # output so far, then the grammar holds from the match on (llama_sampler_init_grammar_lazy_patterns).
+    grammar_triggers: tuple[str, ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -95,6 +98,12 @@ class BatchEntry:
     tokens: tuple[int, ...]
     start_pos: int
     logits_last: bool
+    # Prompt logprobs (/v1/completions echo + logprobs): the token that follows each position from the first,
+    # whose log-probability under that position's logits the backend computes right after the decode (see
+    # Backend.prompt_logprobs). At most len(tokens): a prompt's last chunk omits its last position, whose
+    # logits predict the first generated token and are sampled as usual.
+    logprob_targets: tuple[int, ...] = ()
+    top_logprobs: int = 0  # and this many best alternatives at each of those positions
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,41 @@ class Backend(Vocab, Protocol):
 
     def sample(self, sampler_id: int, logits_index: int, params: SamplingParams) -> SampledToken:
         """Sample from the logits of batch position `logits_index` of the last decode and accept the token."""
+        ...
+
+    def prompt_logprobs(self, slot: int) -> tuple[TokenLogprob, ...]:
+        """The logprobs of `slot`'s entry's logprob_targets in the last decode, in order (() if it had none).
+        Computed during decode from the raw logits (log-softmax, before any sampling stage)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+POOLING_TYPES: tuple[str, ...] = ("mean", "cls", "last")
+
+
+@dataclass(frozen=True)
+class EmbedderInfo:
+    """What the API needs to know about the embedding context."""
+
+    n_embd: int  # the length of every vector
+    n_ctx: int  # most tokens one input may have: an input is embedded in one decode, whole
+    n_batch: int  # most tokens of all inputs in one decode
+    n_seq_max: int  # most inputs in one decode
+    pooling: str  # one of POOLING_TYPES: how one vector is made of an input's token states
+
+
+class Embedder(Protocol):
+    """A second llama.cpp context on the loaded model that computes pooled embeddings. Engine thread only."""
+
+    @property
+    def info(self) -> EmbedderInfo: ...
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[bytes]:
+        """One decode of all inputs, each its own sequence (together within n_batch tokens and n_seq_max
+        inputs); each input's pooled vector, not normalized, as n_embd little-endian float32. Raises DecodeError.
+        Inputs never attend to each other, so an input's vector depends on the others in the call only through
+        the rounding of llama.cpp's kernels (bindings/embedder.py measures it)."""
         ...
 
     def close(self) -> None: ...

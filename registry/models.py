@@ -130,6 +130,7 @@ class ModelEntry(BaseModel):
     sampling: SamplingDefaults = Field(
         default_factory=SamplingDefaults, description="Recommended sampling, for parameters a request leaves out."
     )
+    embedding: bool = Field(default=False, description="Serve POST /v1/embeddings with it (as --embeddings does).")
 
     @field_validator("safetensors_repo")
     @classmethod

@@ -19,8 +19,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from registry.models import RegistryError, load_registry
-from server.api import admin, openai
-from server.api.errors import CatchUnexpectedErrors, install_error_handlers
+from server.api import admin, embeddings, openai
+from server.api.errors import CatchUnexpectedErrors, document_openai_errors, install_error_handlers
 from server.api.state import ServerState, app_server_state
 from server.chat_template import ChatTemplateError, select_chat_template
 from server.engine.engine import Engine
@@ -136,9 +136,11 @@ def create_app(
     )
     app.state.server = state
     install_error_handlers(app)
+    document_openai_errors(app)
     app.add_middleware(CatchUnexpectedErrors)
     app.add_middleware(CountRequests, metrics=state.metrics)  # added last: outermost, sees every status
     app.include_router(admin.health_router)
     app.include_router(admin.router)
     app.include_router(openai.router)
+    app.include_router(embeddings.router)
     return app

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2 import nodes
 from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -27,6 +28,9 @@ from bindings.protocol import ModelInfo, Vocab
 from server.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
+
+# Variables the renderer sets itself; chat_template_kwargs may not replace them.
+RESERVED_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -95,19 +99,39 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.origin = origin
+        env = _new_environment()
         try:
-            self._template = _new_environment().from_string(source)
+            self._template = env.from_string(source)
+            variables = jinja2.meta.find_undeclared_variables(env.parse(source))
         except jinja2.TemplateSyntaxError as exc:
             raise ChatTemplateError(f"chat template ({origin or 'inline'}) does not compile: {exc}") from exc
+        # A template that reads `tools` renders tool definitions itself (Qwen3, Hermes, Llama 3.x, ...);
+        # for the others the API describes the tools in a system message (server/api/tools.py).
+        self.supports_tools = "tools" in variables
+        # Qwen3-style reasoning: the template knows <think> blocks (strips them from history, may open one).
+        self.knows_thinking = "<think>" in source
 
-    def render(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        """The prompt text; a template that fails on these messages is the request's 400, not a crash."""
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        variables: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The prompt text; a template that fails on these messages is the request's 400, not a crash.
+        `tools`: tool definitions as Hugging Face templates take them ({"type": "function", "function": …});
+        `variables`: extra template variables (a request's chat_template_kwargs, e.g. enable_thinking)."""
+        extra = {key: value for key, value in (variables or {}).items() if key not in RESERVED_VARIABLES}
+        if tools:
+            extra["tools"] = [dict(tool) for tool in tools]
         try:
             return self._template.render(
                 messages=[dict(message) for message in messages],
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **extra,
             )
         except TemplateRaisedError as exc:
             raise InvalidRequestError(f"The chat template rejected the messages: {exc}", param="messages") from exc

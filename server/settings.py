@@ -81,8 +81,25 @@ class Settings(BaseSettings):
         description="top_k for requests that do not set one (llama-server's default; 0: the whole vocabulary). "
         "Sampling without it sorts every token: ~0.5 ms per token on a CPU.",
     )
+    reasoning_format: Literal["auto", "deepseek", "none"] = Field(
+        default="auto",
+        description="How chat answers return reasoning (<think>...</think>), as llama-server's flag: deepseek = "
+        "in message.reasoning_content (delta.reasoning_content when streaming), content clean; none = left in "
+        "content as written; auto = deepseek for chat templates that know <think> blocks (Qwen3), else none. "
+        "A request may override it with `reasoning_format`.",
+    )
     prefix_reuse: bool = Field(
         default=True, description="Reuse a slot's cached prompt prefix (KV or saved state) for a new request."
+    )
+    embeddings: bool = Field(
+        default=False,
+        description="Serve POST /v1/embeddings (also on when the model's models.yaml entry says `embedding: true`): "
+        "a second, small llama.cpp context on the same weights; an input may have up to --max-batch-tokens tokens.",
+    )
+    pooling: Literal["mean", "cls", "last"] | None = Field(
+        default=None,
+        description="How embeddings pool an input's token states (like llama-server's --pooling). Default: the "
+        "GGUF's <arch>.pooling_type, else mean (chat models such as SmolLM2 or Qwen3 name none).",
     )
 
     # --- llama.cpp ---------------------------------------------------------------------------------

@@ -153,6 +153,55 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _handle_http_error)
 
 
+# What every error answer is, as the OpenAPI document describes it.
+_ERROR_SCHEMA: dict[str, Any] = {
+    "title": "OpenAIError",
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            },
+        }
+    },
+}
+_ERROR_RESPONSES = {
+    "400": "Invalid request (a validation error names the field in `param`)",
+    "4XX": "Another client error: unknown model or route, missing API key, full queue (429), ...",
+    "5XX": "Server error: model not loaded yet (503), timeout (504), engine failure",
+}
+
+
+def document_openai_errors(app: FastAPI) -> None:
+    """Make the app's OpenAPI document say what errors look like here: FastAPI documents a 422 with its own
+    validation body on every route with parameters, but this server answers 400 with OpenAI's error body
+    (as it does every 4xx and 5xx). Clients and fuzzers generated from the document then expect the truth."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            for item in document.get("paths", {}).values():
+                for operation in item.values():
+                    responses = operation.setdefault("responses", {})
+                    responses.pop("422", None)
+                    for status, description in _ERROR_RESPONSES.items():
+                        content = {"application/json": {"schema": _ERROR_SCHEMA}}
+                        responses.setdefault(status, {"description": description, "content": content})
+            schemas = document.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):  # only the 422s referred to them
+                schemas.pop(unused, None)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to adjust the document
+
+
 class CatchUnexpectedErrors:
     """ASGI middleware: an exception no handler knows becomes a logged 500 JSON error.
 

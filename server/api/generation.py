@@ -88,7 +88,12 @@ def _token_biases(logit_bias: dict[str, float] | None, n_vocab: int) -> dict[int
 
 
 def engine_requests(
-    prompts: Sequence[Sequence[int]], params: SamplingParams, n: int, id_prefix: str
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    n: int,
+    id_prefix: str,
+    *,
+    prompt_logprobs: int | None = None,
 ) -> tuple[str, list[Request]]:
     """One engine request per prompt, all answering to one response id (the engine applies its timeout)."""
     response_id = next_request_id(id_prefix)
@@ -98,6 +103,7 @@ def engine_requests(
             params=params,
             n=n,
             request_id=response_id if len(prompts) == 1 else f"{response_id}-{index}",
+            prompt_logprobs=prompt_logprobs,
         )
         for index, prompt in enumerate(prompts)
     ]
@@ -235,6 +241,7 @@ class ChoiceResult:
 
     text_parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.., when asked (echo)
     finish_reason: FinishReason | None = None
 
     @property
@@ -252,5 +259,6 @@ async def collect_choices(generation: Generation) -> list[ChoiceResult]:
         result = results[index]
         result.text_parts.append(event.text)
         result.logprobs.extend(event.logprobs)
+        result.prompt_logprobs.extend(event.prompt_logprobs)
         result.finish_reason = event.finish_reason or result.finish_reason
     return results

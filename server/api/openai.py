@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from fastapi import APIRouter, Depends, Request
@@ -40,6 +41,7 @@ from server.api.schemas import (
 )
 from server.api.sse import DONE_EVENT, event_source_response, sse_event, until_disconnected
 from server.api.state import ServerState, server_state
+from server.api.tools import NO_TOOLS, ToolPlan, chat_output_plan, template_variables, tool_plan, tools_for_template
 from server.chat_template import ChatTemplate
 from server.engine.engine import Engine
 from server.engine.request import TokenEvent
@@ -105,6 +107,8 @@ def _template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             entry["tool_calls"] = message.tool_calls
         if message.tool_call_id is not None:
             entry["tool_call_id"] = message.tool_call_id
+        if message.reasoning_content is not None:
+            entry["reasoning_content"] = message.reasoning_content
         rendered.append(entry)
     return rendered
 
@@ -112,14 +116,32 @@ def _template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
 async def _chat_prompt(
     template: ChatTemplate, messages: Sequence[ChatMessage], engine: Engine, *, add_generation_prompt: bool = True
 ) -> list[int]:
-    template_messages = _template_messages(messages)
+    return (await _rendered_chat_prompt(template, messages, engine, add_generation_prompt=add_generation_prompt))[1]
 
-    def render_and_tokenize() -> list[int]:
-        text = template.render(template_messages, add_generation_prompt=add_generation_prompt)
-        return template.tokenize(text, engine.info, engine.vocab)
 
-    n_chars = sum(len(message["content"]) for message in template_messages)
-    return await _off_loop_if_long(n_chars, render_and_tokenize)
+async def _rendered_chat_prompt(
+    template: ChatTemplate,
+    messages: Sequence[ChatMessage],
+    engine: Engine,
+    *,
+    add_generation_prompt: bool = True,
+    plan: ToolPlan = NO_TOOLS,
+    variables: Mapping[str, Any] | None = None,
+) -> tuple[str, list[int]]:
+    """The prompt text and its tokens: the messages, with the plan's tools (server/api/tools.py) and the
+    request's template variables."""
+    template_messages, tools = tools_for_template(template, _template_messages(messages), plan)
+
+    def render_and_tokenize() -> tuple[str, list[int]]:
+        text = template.render(
+            template_messages, add_generation_prompt=add_generation_prompt, tools=tools, variables=variables
+        )
+        return text, template.tokenize(text, engine.info, engine.vocab)
+
+    n_chars = sum(len(message["content"]) for message in template_messages) + len(repr(tools or ""))
+    if n_chars > OFFLOAD_PROMPT_CHARS:
+        return await asyncio.to_thread(render_and_tokenize)
+    return render_and_tokenize()
 
 
 async def _completion_prompt(prompt: str | list[int], engine: Engine) -> list[int]:
@@ -218,6 +240,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = server_state(request)
     state.check_model(body.model)
     engine, template = state.ready()
+    plan = tool_plan(body)
+    prompt_text, prompt = await _rendered_chat_prompt(
+        template, body.messages, engine, plan=plan, variables=template_variables(body)
+    )
+    output = chat_output_plan(body, plan, template, prompt_text, state.settings.reasoning_format)
     params = sampling_params(
         body,
         engine.info,
@@ -226,9 +253,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         top_logprobs=body.top_logprobs or 0,
         default_top_k=state.settings.default_top_k,
         model_defaults=state.sampling_defaults,
-        grammar=response_grammar(body.response_format),
+        grammar=output.grammar.grammar or response_grammar(body.response_format),
     )
-    prompt = await _chat_prompt(template, body.messages, engine)
+    params = dataclasses.replace(params, grammar_triggers=output.grammar.triggers)
     response_id, requests = engine_requests([prompt], params, body.n, "chatcmpl")
     generation = Generation.submit(engine, requests, state.metrics, received_at, "chat")
     header = ResponseHeader(response_id, int(time.time()), state.served_model_id)
@@ -236,9 +263,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         request,
         generation,
         stream=body.stream,
-        chunks=ChatChunks(header, include_usage=body.include_usage, want_logprobs=params.logprobs),
+        chunks=ChatChunks(
+            header, include_usage=body.include_usage, want_logprobs=params.logprobs, output_format=output.format
+        ),
         include_usage=body.include_usage,
-        build_body=lambda gen, choices: chat_completion(header, choices, gen.usage(), params.logprobs),
+        build_body=lambda gen, choices: chat_completion(header, choices, gen.usage(), params.logprobs, output.format),
         metrics=state.metrics,
     )
 
@@ -252,6 +281,7 @@ def _completion_params(body: CompletionRequest, engine: Engine, state: ServerSta
         top_logprobs=body.logprobs or 0,
         default_top_k=state.settings.default_top_k,
         model_defaults=state.sampling_defaults,
+        grammar=response_grammar(body.response_format),
     )
 
 
@@ -261,26 +291,42 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state = server_state(request)
     state.check_model(body.model)
     engine, _ = state.ready()
+    if body.max_tokens == 0 and not body.echo:
+        raise InvalidRequestError(
+            "max_tokens 0 generates nothing; it is only useful with echo: true (the prompt, and its logprobs "
+            "with logprobs set)",
+            param="max_tokens",
+        )
     params = _completion_params(body, engine, state)
     prompts = body.prompts()
     prompt_tokens = [await _completion_prompt(prompt, engine) for prompt in prompts]
-    response_id, requests = engine_requests(prompt_tokens, params, body.n, "cmpl")
+    response_id, requests = engine_requests(prompt_tokens, params, body.n, "cmpl", prompt_logprobs=body.prompt_logprobs)
     try:
         generation = Generation.submit(engine, requests, state.metrics, received_at, "completions")
     except ContextLengthExceededError as exc:
         exc.param = "prompt" if exc.param == "messages" else exc.param
         raise
     echo_texts = [_prompt_text(prompt, engine) if body.echo else "" for prompt in prompts for _ in range(body.n)]
+    # The first prompt token of each choice: its entry leads the prompt logprobs (nothing predicts it).
+    first_pieces = None
+    if body.prompt_logprobs is not None:
+        first_pieces = [engine.vocab.piece(tokens[0]) for tokens in prompt_tokens for _ in range(body.n)]
     header = ResponseHeader(response_id, int(time.time()), state.served_model_id)
     return await _respond(
         request,
         generation,
         stream=body.stream,
         chunks=CompletionChunks(
-            header, include_usage=body.include_usage, want_logprobs=params.logprobs, echo_texts=echo_texts
+            header,
+            include_usage=body.include_usage,
+            want_logprobs=params.logprobs,
+            echo_texts=echo_texts,
+            prompt_first_pieces=first_pieces,
         ),
         include_usage=body.include_usage,
-        build_body=lambda gen, choices: text_completion(header, choices, gen.usage(), params.logprobs, echo_texts),
+        build_body=lambda gen, choices: text_completion(
+            header, choices, gen.usage(), params.logprobs, echo_texts, first_pieces
+        ),
         metrics=state.metrics,
     )
 

@@ -37,6 +37,7 @@ class ChatMessage(_StrictModel):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # past assistant tool calls, handed to the template
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # a past answer's reasoning (templates that keep it may render it)
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
@@ -76,6 +77,23 @@ class SamplingFields(_StrictModel):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(default=None, gt=0.0)
     ignore_eos: bool = False
+    # Both routes: decoding constrained to JSON (a grammar); see server/api/generation.py response_grammar
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _known_format(cls, response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The shape only; whether the schema can be enforced is decided when it is compiled (generation.py)."""
+        if response_format is None:
+            return None
+        kind = response_format.get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"type {kind!r} is not one of 'text', 'json_object', 'json_schema'")
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ValueError("type 'json_schema' needs json_schema: {name, schema, strict} with schema an object")
+        return response_format
 
     @field_validator("stop")
     @classmethod
@@ -101,15 +119,41 @@ class SamplingFields(_StrictModel):
         return tuple(stop for stop in stops if stop)  # an empty stop string would end every answer at once
 
 
+class FunctionSpec(_StrictModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema for the arguments object; none: any object
+    strict: bool | None = None
+
+
+class Tool(_StrictModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(_StrictModel):
+    name: str
+
+
+class NamedToolChoice(_StrictModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    # llama-server's extensions: variables for the chat template (e.g. {"enable_thinking": false}), and how
+    # reasoning (<think>…</think>) is returned, overriding --reasoning-format for this request.
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_format: Literal["none", "auto", "deepseek"] | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -118,27 +162,12 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs needs logprobs set to true")
         return top_logprobs
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, tools: list[Any] | None) -> list[Any] | None:
-        if tools:
-            raise ValueError("tool and function calling are not supported by this server")
-        return tools
-
-    @field_validator("response_format")
-    @classmethod
-    def _known_format(cls, response_format: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The shape only; whether the schema can be enforced is decided when it is compiled (generation.py)."""
-        if response_format is None:
-            return None
-        kind = response_format.get("type", "text")
-        if kind not in ("text", "json_object", "json_schema"):
-            raise ValueError(f"type {kind!r} is not one of 'text', 'json_object', 'json_schema'")
-        if kind == "json_schema":
-            spec = response_format.get("json_schema")
-            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-                raise ValueError("type 'json_schema' needs json_schema: {name, schema, strict} with schema an object")
-        return response_format
+    def _no_functions(cls, functions: list[Any] | None) -> list[Any] | None:
+        if functions:
+            raise ValueError("the deprecated 'functions' field is not supported; send 'tools' instead")
+        return functions
 
     @property
     def output_limit(self) -> int | None:
@@ -154,7 +183,9 @@ def _is_token_ids(value: Any) -> bool:
 
 class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this legacy route
+    # OpenAI's default for this legacy route; 0 with echo: the prompt (and its logprobs) only, as lm-eval's
+    # loglikelihood requests ask
+    max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -190,12 +221,10 @@ class CompletionRequest(SamplingFields):
             raise ValueError("best_of is not supported (it may only equal n)")
         return best_of
 
-    @field_validator("echo")
-    @classmethod
-    def _echo_without_logprobs(cls, echo: bool, info: ValidationInfo) -> bool:
-        if echo and info.data.get("logprobs") is not None:
-            raise ValueError("echo together with logprobs is not supported (prompt logprobs are not computed)")
-        return echo
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """How many alternatives each prompt token's logprob comes with (None: prompt logprobs not wanted)."""
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts this request holds: one per string or token-id list."""
@@ -225,3 +254,52 @@ class TokenizeRequest(_StrictModel):
 
 class DetokenizeRequest(_StrictModel):
     tokens: list[int]
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+
+
+def _embedding_input_problem(value: Any) -> str | None:
+    """Why `input` is not a string, a list of strings, a token-id list or a list of them; None when it is."""
+    if isinstance(value, str):
+        return "input must not be an empty string" if not value else None
+    if not isinstance(value, list) or not value:
+        return "input must be a non-empty string, a non-empty list of strings, a token-id list or a list of them"
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        return f"input holds {len(value)} inputs; at most {MAX_EMBEDDING_INPUTS} are allowed per request"
+    if all(type(item) is int for item in value):
+        return None
+    for index, item in enumerate(value):
+        if isinstance(item, str) and not item:
+            return f"input[{index}] is an empty string"
+        if isinstance(item, list) and not item:
+            return f"input[{index}] is an empty token list"
+        if not isinstance(item, str) and not _is_token_ids(item):
+            return f"input[{index}] must be a string or a list of token ids (integers)"
+    return None
+
+
+class EmbeddingRequest(_StrictModel):
+    """POST /v1/embeddings, as OpenAI's (`user` accepted and ignored)."""
+
+    input: str | list[int] | list[str | list[int]]
+    model: str | None = Field(default=None, description="The served model id (optional: there is one).")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, value: Any) -> Any:
+        problem = _embedding_input_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    def inputs(self) -> list[str | list[int]]:
+        """One entry per input: a text, or token ids."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if _is_token_ids(self.input):
+            return [cast(list[int], self.input)]
+        return [cast(str | list[int], item) for item in self.input]

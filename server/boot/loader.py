@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import psutil
 
 from bindings.devices import list_devices
+from bindings.embedder import EmbedderConfig, LlamaEmbedder
 from bindings.llama_backend import LlamaBackend, LlamaBackendConfig, supports_gpu_offload
 from bindings.protocol import BackendError
 from convert.pull import ensure_model, locate_model
@@ -227,6 +228,7 @@ def build_engine(settings: Settings, observer: LoadObserver | None = None) -> En
         log.info("loading %s from %s", load.served_name, load.model.path)
         backend = LlamaBackend(Path(load.model.path), load.backend, name=load.served_name)
         engine = replace(load.engine, prompt_cache_bytes=report["prompt_cache"]["bytes"])
+    embedder = _embedder(settings, backend, report) if embeddings_wanted(settings) else None
     info = backend.info
     log.info(
         "loaded %s (%s): %d slots × %d tokens of context, %d tokens per step",
@@ -236,7 +238,36 @@ def build_engine(settings: Settings, observer: LoadObserver | None = None) -> En
         info.n_ctx_per_slot,
         engine.max_batch_tokens,
     )
-    return Engine(backend, engine, load_report=report)
+    return Engine(backend, engine, load_report=report, embedder=embedder)
+
+
+def embeddings_wanted(settings: Settings) -> bool:
+    """--embeddings, or `embedding: true` in the served model's models.yaml entry (a .gguf path has none)."""
+    if settings.embeddings:
+        return True
+    registry = load_registry(settings.models_file)
+    entry = registry.models.get(settings.model or registry.default)
+    return entry is not None and entry.embedding
+
+
+def _embedder(settings: Settings, backend: LlamaBackend, report: dict[str, Any]) -> LlamaEmbedder:
+    """The embedding context on the loaded model: one decode's worth of tokens (the chat step's n_batch), the
+    chat context's prefill threads. A failure unloads the model before it propagates."""
+    config = backend.config
+    try:
+        embedder = LlamaEmbedder(
+            backend,
+            EmbedderConfig(
+                pooling=settings.pooling,
+                n_batch=backend.info.n_batch,
+                n_threads=config.n_threads_batch or config.n_threads,
+            ),
+        )
+    except BaseException:
+        backend.close()
+        raise
+    report["embeddings"] = asdict(embedder.info)
+    return embedder
 
 
 def _load_with_plan(

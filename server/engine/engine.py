@@ -5,6 +5,7 @@ the loop never waits on llama.cpp and llama.cpp never waits on the loop."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import math
@@ -15,12 +16,25 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bindings.protocol import Backend, BackendError, CacheOp, ModelInfo, SampledToken, SamplingParams, Vocab
+from bindings.protocol import (
+    Backend,
+    BackendError,
+    CacheOp,
+    Embedder,
+    EmbedderInfo,
+    ModelInfo,
+    SampledToken,
+    SamplingParams,
+    TokenLogprob,
+    Vocab,
+)
+from server.engine.embedding_queue import EmbeddingJob, EmbeddingQueue
 from server.engine.request import Request, TokenEvent
 from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from server.engine.sequence import Sequence, StepEvent
 from server.errors import (
     ContextLengthExceededError,
+    EngineFailureError,
     InvalidRequestError,
     QueueFullError,
     ServiceUnavailableError,
@@ -85,6 +99,11 @@ class _Cancel:
     request_id: str
 
 
+@dataclass(frozen=True)
+class _Embed:
+    job: EmbeddingJob
+
+
 class RequestStream:
     """The reader's end of one request: its TokenEvents, all choices interleaved, in order."""
 
@@ -127,11 +146,21 @@ class RequestStream:
 
 class Engine:
     def __init__(
-        self, backend: Backend, config: EngineConfig | None = None, *, load_report: Mapping[str, Any] | None = None
+        self,
+        backend: Backend,
+        config: EngineConfig | None = None,
+        *,
+        load_report: Mapping[str, Any] | None = None,
+        embedder: Embedder | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         self.load_report = load_report  # how the model was loaded (the offload plan, its memory check), for GET /plan
         self._backend = backend
+        self._embedder = embedder  # None: embeddings are off (POST /v1/embeddings says how to turn them on)
+        self._embedding_queue = (
+            EmbeddingQueue(embedder.info.n_seq_max, embedder.info.n_batch) if embedder is not None else None
+        )
+        self._n_embedding_jobs = 0  # submitted and not yet answered; guarded by _lock
         info = backend.info
         self._scheduler = Scheduler(
             SchedulerConfig(
@@ -146,7 +175,7 @@ class Engine:
             backend,
             backend.state_size,
         )
-        self._inbox: queue.SimpleQueue[_Submit | _Cancel | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Embed | None] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -171,6 +200,11 @@ class Engine:
         return self._backend
 
     @property
+    def embedder_info(self) -> EmbedderInfo | None:
+        """The embedding context's shape; None when embeddings are off."""
+        return self._embedder.info if self._embedder is not None else None
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
 
@@ -185,6 +219,8 @@ class Engine:
         self._wakeup.set()
         if self._thread is not None:
             self._thread.join()  # its last act publishes an ERROR event for every unfinished request
+        if self._embedder is not None:
+            self._embedder.close()  # its context uses the backend's model: freed first
         self._backend.close()
 
     def submit(self, request: Request) -> RequestStream:
@@ -208,6 +244,46 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self._inbox.put(_Cancel(request_id))
         self._wakeup.set()
+
+    def embed(self, inputs: list[list[int]]) -> concurrent.futures.Future[list[bytes]]:
+        """Queue inputs (token lists) for embedding; the future gets one pooled, unnormalized vector (n_embd
+        little-endian float32) per input, in order. Cancelling it drops the inputs not yet decoded."""
+        self._validate_embedding(inputs)
+        with self._lock:
+            if self._n_embedding_jobs >= max(1, self.config.max_queue):
+                raise QueueFullError(
+                    f"server is at capacity: {self._n_embedding_jobs} embedding requests are waiting",
+                    retry_after_s=self._retry_after_s(),
+                )
+            self._n_embedding_jobs += 1
+        job = EmbeddingJob(tuple(tuple(tokens) for tokens in inputs))
+        job.future.add_done_callback(self._embedding_job_done)
+        self._inbox.put(_Embed(job))
+        self._wakeup.set()
+        return job.future
+
+    def _embedding_job_done(self, _future: concurrent.futures.Future[list[bytes]]) -> None:
+        with self._lock:
+            self._n_embedding_jobs -= 1
+
+    def _validate_embedding(self, inputs: list[list[int]]) -> None:
+        if not self.running:
+            raise ServiceUnavailableError("the engine is not running")
+        info = self.embedder_info
+        if info is None:
+            raise InvalidRequestError("embeddings are off on this server", param="model", code="embeddings_disabled")
+        for index, tokens in enumerate(inputs):
+            where = "input" if len(inputs) == 1 else f"input[{index}]"
+            if not tokens:
+                raise InvalidRequestError(f"{where} is empty", param="input")
+            if any(not 0 <= t < self.info.n_vocab for t in tokens):
+                raise InvalidRequestError(f"{where} holds token ids outside [0, {self.info.n_vocab})", param="input")
+            if len(tokens) > info.n_ctx:
+                raise ContextLengthExceededError(
+                    f"{where} has {len(tokens)} tokens; this server embeds at most {info.n_ctx} tokens per input "
+                    "(one embedding decode: --max-batch-tokens)",
+                    param="input",
+                )
 
     def slots(self) -> list[SlotStatus]:
         with self._lock:
@@ -294,6 +370,8 @@ class Engine:
                 log.exception("engine step failed; failing the running requests")
                 self._fail_everything("internal error in the engine step")
         self._fail_everything("server shutting down")
+        if self._embedding_queue is not None:
+            self._embedding_queue.fail_all(ServiceUnavailableError("server shutting down"))
 
     def _step(self) -> None:
         events = self._drain_inbox()
@@ -301,10 +379,35 @@ class Engine:
         plan = self._scheduler.schedule()
         if plan.empty:
             self._publish(events)
-            self._wait_for_work()
+            if not self._embed_once():
+                self._wait_for_work()
             return
         events += self._execute(plan)
         self._publish(events)
+        # At most one embedding decode between two chat steps: a running stream waits one decode at most.
+        self._embed_once()
+
+    def _embed_once(self) -> bool:
+        """Run the next embedding decode, if any is waiting; False when none was."""
+        if self._embedder is None or self._embedding_queue is None:
+            return False
+        batch = self._embedding_queue.next_batch()
+        if batch is None:
+            return False
+        started = time.perf_counter()
+        try:
+            vectors = self._embedder.embed(batch.inputs)
+        except Exception as exc:  # a failed decode fails its requests only, never the engine thread
+            log.error("embedding decode of %d tokens failed: %s", batch.n_tokens, exc)
+            with self._lock:
+                self._n_decode_errors += 1
+            self._embedding_queue.fail(batch, EngineFailureError(f"the model failed to embed this batch: {exc}"))
+            return True
+        finally:
+            with self._lock:
+                self._seconds_decoding += time.perf_counter() - started
+        self._embedding_queue.complete(batch, vectors)
+        return True
 
     def _execute(self, plan: StepPlan) -> list[StepEvent]:
         started = time.perf_counter()
@@ -321,6 +424,7 @@ class Engine:
             sampled: dict[int, SampledToken] = {
                 seq.seq_id: self._backend.sample(seq.seq_id, index, seq.request.params) for seq, index in plan.samples
             }
+            prompt_logprobs = self._prompt_logprobs(plan)
             if all(len(entry.tokens) == 1 for entry in plan.entries):  # a pure decode step: what a stash stalls
                 self._scheduler.observe_step(time.perf_counter() - decode_started)
         except BackendError as exc:
@@ -333,7 +437,22 @@ class Engine:
             with self._lock:
                 self._n_steps += 1
                 self._seconds_decoding += elapsed
-        return self._scheduler.commit(plan, sampled)
+        return self._scheduler.commit(plan, sampled, prompt_logprobs)
+
+    def _prompt_logprobs(self, plan: StepPlan) -> dict[int, tuple[TokenLogprob, ...]]:
+        """The prompt logprobs the backend computed for the entries that asked (by sequence id), checked: a
+        short list would silently misalign every later position of the answer."""
+        by_seq: dict[int, tuple[TokenLogprob, ...]] = {}
+        for entry, seq in zip(plan.entries, plan.entry_sequences, strict=True):
+            if not entry.logprob_targets:
+                continue
+            logprobs = self._backend.prompt_logprobs(entry.slot)
+            if len(logprobs) != len(entry.logprob_targets):
+                raise BackendError(
+                    f"slot {entry.slot}: {len(logprobs)} prompt logprobs for {len(entry.logprob_targets)} positions"
+                )
+            by_seq[seq.seq_id] = logprobs
+        return by_seq
 
     def _apply(self, plan: StepPlan) -> None:
         """The plan's memory ops, in order; each stash is timed, so the scheduler knows what the next costs."""
@@ -360,6 +479,8 @@ class Engine:
                 return events
             if isinstance(command, _Submit):
                 self._scheduler.add(command.choices)
+            elif isinstance(command, _Embed) and self._embedding_queue is not None:
+                self._embedding_queue.add(command.job)
             elif isinstance(command, _Cancel):
                 events += self._scheduler.cancel(command.request_id)
 
@@ -425,6 +546,7 @@ def _token_event(event: StepEvent) -> TokenEvent:
         token_ids=event.token_ids,
         logprobs=event.logprobs,
         finish_reason=event.finish_reason,
+        prompt_logprobs=event.prompt_logprobs,
         n_prompt_tokens=seq.n_prompt_tokens,
         n_cached_tokens=seq.n_cached_tokens,
         n_generated_tokens=len(seq.output_tokens),

@@ -53,6 +53,8 @@ class FakeBackendConfig:
     state_bytes_fixed: int = 0  # ... plus this much recurrent state (Qwen3-Next: 75 MiB at any length)
     eos_logit: float = -2.0  # how likely the model is to end on its own (greedy: only with logit_bias)
     name: str = "fake-model"
+    # Every answer is this text (its UTF-8 bytes, one token each), then EOS: an output to test parsing with.
+    script: str | None = None
 
 
 @dataclass
@@ -70,10 +72,12 @@ class FakeBackend:
         self._samplers: dict[int, np.random.Generator] = {}
         self._penalty_history: dict[int, list[int]] = {}
         self._logits: np.ndarray = np.zeros((0, N_VOCAB), dtype=np.float32)
+        self._prompt_logprobs: dict[int, tuple[TokenLogprob, ...]] = {}  # by slot, from the last decode
         self.n_decode_calls = 0
         self.batches: list[tuple[BatchEntry, ...]] = []  # every decoded batch, for assertions
         self.ops: list[CacheOp] = []  # every memory op applied
         self.grammars: list[str] = []  # the grammar of every sampler built with one, in order
+        self.grammar_triggers: list[tuple[str, ...]] = []  # and its trigger patterns (lazy grammars)
         self.closed = False
         self._info = ModelInfo(
             name=self.config.name,
@@ -195,6 +199,24 @@ class FakeBackend:
                 logits[row] = self._model(slot.tokens)
                 row += 1
         self._logits = logits
+        self._prompt_logprobs = self._entry_logprobs(entries)
+
+    def _entry_logprobs(self, entries: Sequence[BatchEntry]) -> dict[int, tuple[TokenLogprob, ...]]:
+        """As llama_backend does after a decode: each logprob target's logprob under its position's logits."""
+        by_slot = {}
+        row = 0
+        for entry in entries:
+            if len(entry.logprob_targets) > len(entry.tokens):
+                raise DecodeError(f"slot {entry.slot}: more logprob targets than tokens")
+            by_slot[entry.slot] = tuple(
+                self._top_logprobs(self._logits[row + offset].astype(np.float64), target, entry.top_logprobs)
+                for offset, target in enumerate(entry.logprob_targets)
+            )
+            row += len(entry.tokens)
+        return {slot: logprobs for slot, logprobs in by_slot.items() if logprobs}
+
+    def prompt_logprobs(self, slot: int) -> tuple[TokenLogprob, ...]:
+        return self._prompt_logprobs.get(slot, ())
 
     def _check_positions(self, entries: Sequence[BatchEntry]) -> None:
         slots = [e.slot for e in entries]
@@ -221,6 +243,7 @@ class FakeBackend:
         # The fake model cannot follow a grammar; it records each one so API tests see what reached the sampler.
         if params.grammar is not None:
             self.grammars.append(params.grammar)
+            self.grammar_triggers.append(params.grammar_triggers)
         self._samplers[sampler_id] = np.random.default_rng(params.seed if params.seed is not None else None)
         self._penalty_history[sampler_id] = []
 
@@ -233,6 +256,9 @@ class FakeBackend:
         history = self._penalty_history[sampler_id]
         logits = self._penalized(raw.copy(), history[-params.penalty_last_n :], params)
         token = self._choose(logits, self._samplers[sampler_id], params)
+        if self.config.script is not None:
+            script = self.config.script.encode()
+            token = script[len(history)] if len(history) < len(script) else EOS
         history.append(token)
         logprob = self._logprob(raw, token, params) if params.logprobs else None
         return SampledToken(token, logprob)
@@ -257,6 +283,8 @@ class FakeBackend:
 
     @staticmethod
     def _choose(logits: np.ndarray, rng: np.random.Generator, params: SamplingParams) -> int:
+        # An extreme penalty (repeat_penalty 5e-324) overflows a logit to inf; llama.cpp still samples then
+        logits = np.nan_to_num(logits, nan=-np.inf, posinf=float(np.finfo(np.float32).max))
         if params.greedy:
             return int(np.argmax(logits))
         if params.top_k > 0:
@@ -268,6 +296,7 @@ class FakeBackend:
         if params.top_p < 1.0:
             order = np.argsort(-probs)
             keep = np.cumsum(probs[order]) - probs[order] < params.top_p
+            keep[0] = True  # as llama.cpp's top-p (min_keep 1): top_p 0 keeps the most likely token
             mask = np.zeros_like(probs, dtype=bool)
             mask[order[keep]] = True
             probs[~mask] = 0.0
@@ -275,9 +304,12 @@ class FakeBackend:
         return int(rng.choice(len(probs), p=probs))
 
     def _logprob(self, logits: np.ndarray, token: int, params: SamplingParams) -> TokenLogprob:
+        return self._top_logprobs(logits, token, params.top_logprobs)
+
+    def _top_logprobs(self, logits: np.ndarray, token: int, n_top: int) -> TokenLogprob:
         shifted = logits - logits.max()
         logprobs = shifted - np.log(np.exp(shifted).sum())
-        top = np.argsort(-logprobs)[: params.top_logprobs]
+        top = np.argsort(-logprobs)[:n_top]
         return TokenLogprob(
             token=token,
             text=self.piece(token),

@@ -30,6 +30,9 @@ class Request:
     params: SamplingParams
     n: int = 1
     request_id: str = field(default_factory=next_request_id)
+    # Prompt logprobs (/v1/completions echo + logprobs): None → not computed; N → every prompt token's
+    # logprob after the first, with the N best alternatives. Such a prompt is computed whole (see scheduler).
+    prompt_logprobs: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # time.monotonic() value after which the request is failed
 
@@ -52,3 +55,5 @@ class TokenEvent:
     n_cached_tokens: int = 0  # prompt tokens whose KV was reused rather than computed
     n_generated_tokens: int = 0
     error: str | None = None  # set with FinishReason.ERROR / TIMEOUT
+    # Set on each choice's first event when the request asked for them: prompt tokens 1.. (token 0 has none).
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()

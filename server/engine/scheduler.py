@@ -13,6 +13,12 @@ stash copies the whole state on the engine thread, so every running stream waits
 Qwen3-Next entry (843 MiB) takes ~400 ms, 4-10 decode steps of the 80B (bench/stash_cost.py). So slots are
 stashed while the engine is idle (one per step, so a new request waits for one stash at most), and under load
 a stash predicted to stall the running streams for more than one decode step is skipped and counted.
+
+Prompt logprobs (a request with `prompt_logprobs` set) need the logits of every prompt position, and a reused
+prefix has none: such a prompt is computed whole in the free slot that holds the least (its contents are
+stashed first, as for any overwrite), never from a reused prefix or a prompt-cache entry. Its prefill chunks
+carry the next prompt token of each position as logprob targets; with max_tokens 0 the request finishes when
+its prefill does, without sampling.
 """
 
 from __future__ import annotations
@@ -216,13 +222,22 @@ class Scheduler:
         self._in_flight = plan
         return plan
 
-    def commit(self, plan: StepPlan, sampled: Mapping[int, SampledToken]) -> list[StepEvent]:
+    def commit(
+        self,
+        plan: StepPlan,
+        sampled: Mapping[int, SampledToken],
+        prompt_logprobs: Mapping[int, tuple[TokenLogprob, ...]] | None = None,
+    ) -> list[StepEvent]:
         """Record a decoded batch (or a step of memory ops only) and the tokens sampled from it; return what
-        each sequence produced."""
+        each sequence produced. `prompt_logprobs[seq_id]`: the logprobs of the logprob targets of that
+        sequence's entry (Backend.prompt_logprobs)."""
         self._in_flight = None
+        events: list[StepEvent] = []
         for entry, seq in zip(plan.entries, plan.entry_sequences, strict=True):
-            self._record_decoded(entry, seq)
-        return [self._accept(seq, sampled[seq.seq_id]) for seq, _ in plan.samples]
+            if entry.logprob_targets and prompt_logprobs is not None:
+                seq.prompt_logprobs.extend(prompt_logprobs.get(seq.seq_id, ()))
+            events += self._record_decoded(entry, seq)
+        return events + [self._accept(seq, sampled[seq.seq_id]) for seq, _ in plan.samples]
 
     def fail(self, plan: StepPlan, message: str) -> list[StepEvent]:
         """The decode (or a memory op) of this plan failed: fail its requests, forget their slots' memory and
@@ -280,14 +295,17 @@ class Scheduler:
         while self._waiting and len(self._waiting[0]) <= self.n_free_slots:
             choices = self._waiting.popleft()
             parent = choices[0]
-            parent_slot, n_reuse, op = self._choose_slot(parent.prompt)
+            if parent.wants_prompt_logprobs:
+                parent_slot, n_reuse, op = self._emptiest_slot()
+            else:
+                parent_slot, n_reuse, op = self._choose_slot(parent.prompt)
             self._bind(parent, parent_slot, SequenceStatus.PREFILL)
-            cached = self._best_cache_entry(parent.prompt)
+            cached = None if parent.wants_prompt_logprobs else self._best_cache_entry(parent.prompt)
             if cached is not None and cached[1] > max(n_reuse, self.config.snapshot_min_tokens - 1):
                 n_reuse = self._load_cache_entry(plan, parent_slot, *cached)
                 self.counters.n_prompt_cache_hits += 1
             else:
-                if n_reuse == 0 and self.config.prompt_cache_bytes:
+                if n_reuse == 0 and self.config.prompt_cache_bytes and not parent.wants_prompt_logprobs:
                     self.counters.n_prompt_cache_misses += 1
                 if n_reuse < len(parent_slot.cached_tokens):
                     self._stash(plan, parent_slot)  # about to lose what the slot holds: keep it in RAM
@@ -313,6 +331,12 @@ class Scheduler:
                 best = (slot, n_reuse, op)
         assert best is not None, "_choose_slot called without a free slot"
         return best
+
+    def _emptiest_slot(self) -> tuple[Slot, int, CacheOp | None]:
+        """The free slot that holds the fewest tokens (computing a prompt whole there loses the least), and the
+        op that empties it."""
+        slot = min((slot for slot in self.slots if slot.free), key=lambda slot: len(slot.cached_tokens))
+        return slot, 0, CacheOp("clear", slot.index) if slot.cached_tokens else None
 
     def _reuse_plan(self, slot: Slot, prompt: tuple[int, ...]) -> tuple[int, CacheOp | None]:
         """How many prompt tokens this slot already holds usably, and the memory op that gets it there.
@@ -466,11 +490,22 @@ class Scheduler:
                 break
             assert seq.slot is not None
             n_chunk = min(seq.n_prompt_tokens - seq.n_prompt_done, budget)
-            chunk = seq.prompt[seq.n_prompt_done : seq.n_prompt_done + n_chunk]
             last = seq.n_prompt_done + n_chunk == seq.n_prompt_tokens
-            plan.entries.append(BatchEntry(seq.slot, chunk, seq.n_prompt_done, logits_last=last))
+            plan.entries.append(self._prefill_entry(seq, seq.slot, n_chunk, last))
             plan.entry_sequences.append(seq)
             budget -= n_chunk
+
+    @staticmethod
+    def _prefill_entry(seq: Sequence, slot: int, n_chunk: int, last: bool) -> BatchEntry:
+        start = seq.n_prompt_done
+        chunk = seq.prompt[start : start + n_chunk]
+        if not seq.wants_prompt_logprobs:
+            return BatchEntry(slot, chunk, start, logits_last=last)
+        # Position i's logits give token i + 1's logprob; the prompt's last position has no next prompt token
+        # (the slice ends there), its logits give the first generated token.
+        targets = seq.prompt[start + 1 : start + n_chunk + 1]
+        n_top = seq.request.prompt_logprobs or 0
+        return BatchEntry(slot, chunk, start, logits_last=last, logprob_targets=targets, top_logprobs=n_top)
 
     def _order_batch(self, plan: StepPlan) -> None:
         """Sort entries by slot and work out which flattened batch position each sampler reads."""
@@ -480,7 +515,7 @@ class Scheduler:
         position = 0
         for entry, seq in zip(plan.entries, plan.entry_sequences, strict=True):
             position += len(entry.tokens)
-            if entry.logits_last:
+            if entry.logits_last and seq.request.params.max_tokens != 0:  # max_tokens 0: prompt logprobs only
                 logits_index = position - 1
                 plan.samples.append((seq, logits_index))
                 if seq.status is SequenceStatus.PREFILL:
@@ -490,24 +525,42 @@ class Scheduler:
         return self._requests[parent.request.request_id][1:] if parent.choice_index == 0 else []
 
     # --- commit helpers --------------------------------------------------------------------------
-    def _record_decoded(self, entry: BatchEntry, seq: Sequence) -> None:
+    def _record_decoded(self, entry: BatchEntry, seq: Sequence) -> list[StepEvent]:
+        """Book a decoded entry; the finishing events of a prompt-only request (max_tokens 0) that it completed."""
         slot = self.slots[entry.slot]
         slot.cached_tokens.extend(entry.tokens)
         if seq.status is not SequenceStatus.PREFILL:
-            return
+            return []
         seq.n_prompt_done += len(entry.tokens)
         self.counters.n_prompt_tokens_computed += len(entry.tokens)
         if seq.n_prompt_done < seq.n_prompt_tokens:
-            return
+            return []
         seq.status = SequenceStatus.DECODE
         if not self.config.supports_partial_removal and seq.n_prompt_tokens >= self.config.snapshot_min_tokens:
             slot.needs_save = self.config.prefix_reuse
-        for child in self._children(seq):
-            assert child.slot is not None
-            child.status = SequenceStatus.DECODE
+        children = self._children(seq)
+        for child in children:
             child.n_prompt_done = seq.n_prompt_tokens
             child.n_cached_tokens = seq.n_cached_tokens
+            child.prompt_logprobs = seq.prompt_logprobs  # one prefill, the same prompt logprobs for every choice
+        if seq.request.params.max_tokens == 0:
+            # Nothing to generate: every choice ends here; the children never need their copy of the prompt.
+            return [self._finish_prompt_only(choice) for choice in (seq, *children)]
+        for child in children:
+            assert child.slot is not None
+            child.status = SequenceStatus.DECODE
             self._fork_sources[child.slot] = entry.slot
+        return []
+
+    def _finish_prompt_only(self, seq: Sequence) -> StepEvent:
+        return self._finish_sequence(
+            seq, FinishReason.LENGTH, "", (), (), prompt_logprobs=self._first_event_prompt_logprobs(seq)
+        )
+
+    @staticmethod
+    def _first_event_prompt_logprobs(seq: Sequence) -> tuple[TokenLogprob, ...]:
+        """What a choice's first event carries: the prompt logprobs, when the request asked for them."""
+        return tuple(seq.prompt_logprobs) if seq.wants_prompt_logprobs and len(seq.output_tokens) <= 1 else ()
 
     def _accept(self, seq: Sequence, sampled: SampledToken) -> StepEvent:
         """Append a sampled token to a sequence: text delta, and whether it has finished."""
@@ -516,16 +569,23 @@ class Scheduler:
         seq.output_tokens.append(token)
         self.counters.n_generated_tokens += 1
         logprobs = (sampled.logprob,) if sampled.logprob is not None else ()
+        prompt_logprobs = self._first_event_prompt_logprobs(seq)
         if self._vocab.is_eog(token) and not params.ignore_eos:
-            return self._finish_sequence(seq, FinishReason.STOP, seq.text.flush(), (token,), logprobs)
+            return self._finish_sequence(
+                seq, FinishReason.STOP, seq.text.flush(), (token,), logprobs, prompt_logprobs=prompt_logprobs
+            )
         text = seq.text.push(self._vocab.piece(token))
         if seq.text.stopped:
-            return self._finish_sequence(seq, FinishReason.STOP, text, (token,), logprobs)
+            return self._finish_sequence(
+                seq, FinishReason.STOP, text, (token,), logprobs, prompt_logprobs=prompt_logprobs
+            )
         out_of_tokens = params.max_tokens is not None and len(seq.output_tokens) >= params.max_tokens
         if out_of_tokens or seq.n_tokens_total >= self.config.n_ctx_per_slot:
             text += seq.text.flush()
-            return self._finish_sequence(seq, FinishReason.LENGTH, text, (token,), logprobs)
-        return StepEvent(seq, text, (token,), logprobs, None)
+            return self._finish_sequence(
+                seq, FinishReason.LENGTH, text, (token,), logprobs, prompt_logprobs=prompt_logprobs
+            )
+        return StepEvent(seq, text, (token,), logprobs, None, prompt_logprobs=prompt_logprobs)
 
     def _finish_sequence(
         self,
@@ -535,6 +595,8 @@ class Scheduler:
         token_ids: tuple[int, ...],
         logprobs: tuple[TokenLogprob, ...],
         error: str | None = None,
+        *,
+        prompt_logprobs: tuple[TokenLogprob, ...] = (),
     ) -> StepEvent:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -547,7 +609,7 @@ class Scheduler:
                 self.counters.n_requests_finished += 1
             elif reason is not FinishReason.CANCELLED:
                 self.counters.n_requests_failed += 1
-        return StepEvent(seq, text, token_ids, logprobs, reason, error)
+        return StepEvent(seq, text, token_ids, logprobs, reason, error, prompt_logprobs)
 
     def _release_slot(self, seq: Sequence) -> None:
         assert seq.slot is not None

@@ -28,6 +28,7 @@ class Sequence:
     n_prompt_done: int = 0  # prompt tokens whose KV/state is in the slot
     n_cached_tokens: int = 0  # of those, how many were reused instead of computed
     output_tokens: list[int] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.., as computed
     finish_reason: FinishReason | None = None
     text: TextStream = field(init=False)
 
@@ -46,6 +47,10 @@ class Sequence:
     def pending_token(self) -> int:
         """The last sampled token, which the next decode feeds back."""
         return self.output_tokens[-1]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.request.prompt_logprobs is not None
 
     @property
     def n_tokens_total(self) -> int:
@@ -77,3 +82,4 @@ class StepEvent:
     logprobs: tuple[TokenLogprob, ...]
     finish_reason: FinishReason | None
     error: str | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # on a choice's first event, when the request wants them

@@ -188,3 +188,37 @@ def test_template_selection_order(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert broken.origin == "chatml" and "falling back to ChatML" in caplog.text
     with pytest.raises(ChatTemplateError, match="cannot read"):
         select_chat_template(_info(add_bos=False), vocab, tmp_path / "missing.jinja")
+
+
+QWEN3_TEMPLATE = Path(__file__).parent.parent / "data" / "templates" / "qwen3.jinja"
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_the_qwen3_template_reads_tools_and_thinking_chatml_does_not() -> None:
+    qwen3 = ChatTemplate(QWEN3_TEMPLATE.read_text())
+    assert qwen3.supports_tools and qwen3.knows_thinking
+    chatml = ChatTemplate(CHATML_TEMPLATE)
+    assert not chatml.supports_tools and not chatml.knows_thinking
+
+
+def test_tools_and_variables_reach_the_qwen3_template() -> None:
+    template = ChatTemplate(QWEN3_TEMPLATE.read_text())
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}]
+    text = template.render(messages, tools=[WEATHER_TOOL], variables={"enable_thinking": False})
+    assert text == (
+        "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to assist with the user "
+        "query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+        '{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}\n</tools>\n\n'
+        "For each function call, return a json object with function name and arguments within "
+        '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+        "<args-json-object>}\n</tool_call><|im_end|>\n<|im_start|>user\nWeather?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )
+    assert template.render(messages).endswith("<|im_start|>assistant\n")  # thinking on: the model opens it
+
+
+def test_reserved_variables_cannot_be_replaced() -> None:
+    template = ChatTemplate("{{ messages | length }}|{{ add_generation_prompt }}")
+    assert template.render(
+        [{"role": "user", "content": "x"}], variables={"messages": [], "add_generation_prompt": 0}
+    ) == ("1|True")

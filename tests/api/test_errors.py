@@ -56,7 +56,12 @@ CHAT_BAD_BODIES = [
     (chat_body(top_k=-1), "top_k"),
     (chat_body(min_p=2), "min_p"),
     (chat_body(repeat_penalty=0), "repeat_penalty"),
-    (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    (chat_body(tools=[{"type": "function", "function": {"name": "no spaces"}}]), "tools[0].function.name"),
+    (chat_body(tools=[{"type": "retrieval"}]), "tools[0].type"),
+    (chat_body(tool_choice="required"), "tool_choice"),  # tool_choice without tools
+    (chat_body(functions=[{"name": "f"}]), "functions"),
+    (chat_body(reasoning_format="xml"), "reasoning_format"),
+    (chat_body(chat_template_kwargs={"messages": []}), "chat_template_kwargs"),
     (chat_body(response_format={"type": "xml"}), "response_format"),
     (chat_body(response_format={"type": "json_schema"}), "response_format"),
     (chat_body(n=5), "n"),  # more choices than the fake's 4 slots
@@ -84,7 +89,8 @@ async def test_bad_chat_request_is_400_with_its_param(body: dict[str, Any], para
         ({"prompt": "x", "logprobs": 21}, "logprobs"),
         ({"prompt": "x", "suffix": "y"}, "suffix"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
-        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),  # nothing to return without echo
+        ({"prompt": "x", "max_tokens": -1, "echo": True}, "max_tokens"),
     ],
 )
 async def test_bad_completion_request_is_400(body: dict[str, Any], param: str | None) -> None:

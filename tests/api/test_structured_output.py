@@ -83,3 +83,15 @@ async def test_malformed_response_format_is_a_400(response_format: dict[str, Any
         body = {"model": MODEL, "messages": HI, "response_format": response_format}
         response = await served.client.post("/v1/chat/completions", json=body)
         assert_openai_error(response, 400, param="response_format")
+
+
+async def test_completions_route_constrains_and_refuses_like_the_chat_route() -> None:
+    async with serve() as served:
+        body = {"model": MODEL, "prompt": "hi", "response_format": schema_format(SCHEMA), "n": 2, "max_tokens": 4}
+        response = await served.client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        assert served.backend.grammars == [schema_grammar(SCHEMA)] * 2
+        body["response_format"] = schema_format({"type": "integer", "minimum": 0})
+        response = await served.client.post("/v1/completions", json=body)
+        assert "minimum" in assert_openai_error(response, 400, param="response_format")["message"]
+        assert len(served.backend.grammars) == 2

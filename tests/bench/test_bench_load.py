@@ -20,6 +20,7 @@ from bench.load import (
     apply_sse_line,
     chat_request_body,
     format_reports,
+    json_schema_format,
     load_prompts,
     parse_levels,
     plot_reports,
@@ -173,6 +174,22 @@ def test_request_body_carries_openai_fields_and_llama_cpp_extras() -> None:
     assert body["logit_bias"] == {"2": -100}
     plain = chat_request_body(_plan(), "hi", send_extras=False)
     assert "ignore_eos" not in plain and "n_predict" not in plain and "logit_bias" not in plain
+
+
+def test_a_json_schema_workload_sends_the_schema_and_no_ignore_eos(tmp_path: Path) -> None:
+    # ignore_eos would fight the grammar, which allows only end-of-generation once the JSON is complete.
+    schema_path = Path(__file__).resolve().parents[2] / "bench" / "schemas" / "answer.json"
+    response_format = json_schema_format(schema_path)
+    assert response_format["json_schema"]["name"] == "answer"
+    assert response_format["json_schema"]["schema"]["required"] == ["answer", "confidence", "topics", "needs_follow_up"]
+    body = chat_request_body(_plan(response_format=response_format), "hi", send_extras=True)
+    assert body["response_format"] == response_format
+    assert "ignore_eos" not in body and "n_predict" not in body
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(LoadError, match="must hold a JSON schema object"):
+        json_schema_format(tmp_path / "list.json")
+    with pytest.raises(LoadError, match="cannot read a JSON schema"):
+        json_schema_format(tmp_path / "missing.json")
 
 
 @dataclass

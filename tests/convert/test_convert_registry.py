@@ -34,6 +34,12 @@ def test_the_shipped_models_yaml_is_valid() -> None:
     # Qwen's recommended sampling for the Instruct model; SmolLM2 recommends none
     assert qwen.sampling.given() == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "min_p": 0.0}
     assert registry.entry(registry.default).sampling.given() == {}
+    thinking = registry.entry("qwen3-next-80b-a3b-thinking")
+    assert thinking.hub is not None
+    assert thinking.hub.repo == "Qwen/Qwen3-Next-80B-A3B-Thinking-GGUF"
+    assert thinking.hub.default_quant == "Q4_K_M"
+    assert thinking.safetensors_repo == "Qwen/Qwen3-Next-80B-A3B-Thinking"
+    assert thinking.sampling.given() == {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0}
 
 
 @pytest.mark.parametrize(

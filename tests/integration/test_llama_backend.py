@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -12,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from bindings.grammar import schema_grammar
 from bindings.llama_backend import LlamaBackend, LlamaBackendConfig, parse_memory_report
 from bindings.protocol import BackendError, BatchEntry, CacheOp, DecodeError, SamplingParams
 from registry.models import resolve_model
@@ -417,25 +419,80 @@ def test_greedy_fast_path_picks_what_the_llama_cpp_chain_picks(clean: LlamaBacke
         clean.free_sampler(10 + slot)
 
 
+def _sample_until_end(
+    backend: LlamaBackend, params: SamplingParams, prompt_text: str, max_steps: int
+) -> tuple[bytes, bool]:
+    """Decode one sequence in slot 0 with sampler 0: (its text, whether it ended by end-of-generation)."""
+    backend.apply([CacheOp("clear", 0)])
+    backend.new_sampler(0, params)
+    prompt = tokens_of(backend, prompt_text)
+    backend.decode([BatchEntry(0, prompt, 0, True)])
+    index, position, text = len(prompt) - 1, len(prompt), b""
+    try:
+        for _ in range(max_steps):
+            token = backend.sample(0, index, params).token
+            if backend.is_eog(token):
+                return text, True
+            text += backend.piece(token)
+            backend.decode([BatchEntry(0, (token,), position, True)])
+            index, position = 0, position + 1
+        return text, False
+    finally:
+        backend.free_sampler(0)
+
+
 def test_greedy_with_a_grammar_follows_the_grammar_not_the_argmax(clean: LlamaBackend) -> None:
     # Unconstrained, SmolLM2 continues "The capital of France is" with prose; the grammar allows only
-    # "yes" or "no" then end-of-generation, so the argmax fast path must not be taken.
-    params = SamplingParams(temperature=0.0, grammar='root ::= "yes" | "no"')
-    clean.new_sampler(0, params)
-    prompt = tokens_of(clean, PROMPTS[0])
-    clean.decode([BatchEntry(0, prompt, 0, True)])
-    index, position, text, ended = len(prompt) - 1, len(prompt), b"", False
-    for _ in range(8):
-        token = clean.sample(0, index, params).token
-        if clean.is_eog(token):
-            ended = True  # the grammar is complete: end-of-generation is all it allows
-            break
-        text += clean.piece(token)
-        clean.decode([BatchEntry(0, (token,), position, True)])
-        index, position = 0, position + 1
-    clean.free_sampler(0)
-    assert ended
+    # "yes" or "no" then end-of-generation: the argmax is rejected and the grammar's full pass decides.
+    text, ended = _sample_until_end(
+        clean, SamplingParams(temperature=0.0, grammar='root ::= "yes" | "no"'), PROMPTS[0], 8
+    )
+    assert ended  # the grammar is complete: end-of-generation is all it allows
     assert text in (b"yes", b"no")
+
+
+def test_a_grammar_overrules_a_biased_sampler_chain(clean: LlamaBackend) -> None:
+    # The unconstrained chain (bias +30 on " Paris", penalties, top-k, temperature) keeps picking a token the
+    # grammar forbids; each time the token-first check must reject it and sample again under the grammar.
+    paris = clean.tokenize(" Paris", add_special=False, parse_special=False)[0]
+    params = SamplingParams(
+        temperature=1.0,
+        top_k=40,
+        seed=7,
+        repeat_penalty=1.1,
+        logit_bias={paris: 30.0},
+        grammar="root ::= [0-9] [0-9] [0-9]",
+    )
+    text, ended = _sample_until_end(clean, params, PROMPTS[0], 8)
+    assert ended
+    assert len(text) == 3 and text.isdigit()
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [{"temperature": 0.0}, {"temperature": 1.0, "top_k": 40, "seed": 11}],
+    ids=["greedy", "top-k"],
+)
+def test_the_grammar_shortlist_picks_what_the_full_grammar_pass_picks(
+    clean: LlamaBackend, sampling: dict[str, float]
+) -> None:
+    # Two routes to the same constrained pick: without penalties, a rejected pick is retried on a shortlist of
+    # the best-ranked tokens (exact when enough of them are allowed); a (negligible) positive bias on a rare
+    # token disables that shortcut, so every rejection runs the full-vocabulary pass. Same tokens, same JSON.
+    grammar = schema_grammar(
+        {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "year": {"type": "integer"}},
+            "required": ["city", "year"],
+        }
+    )
+    rare = clean.tokenize(" zygote", add_special=False, parse_special=False)[0]
+    params = SamplingParams(grammar=grammar, **sampling)  # type: ignore[arg-type]
+    shortlisted, shortlisted_ended = _sample_until_end(clean, params, PROMPTS[0], 48)
+    full, full_ended = _sample_until_end(clean, replace(params, logit_bias={rare: 1e-6}), PROMPTS[0], 48)
+    assert shortlisted == full and shortlisted_ended == full_ended
+    if shortlisted_ended:
+        assert set(json.loads(shortlisted)) == {"city", "year"}
 
 
 def test_a_grammar_llama_cpp_rejects_is_a_backend_error(clean: LlamaBackend) -> None:

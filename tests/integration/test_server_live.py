@@ -371,3 +371,19 @@ def test_unsupported_schema_feature_is_a_400_naming_it(smollm2_server: LiveServe
         )
     assert caught.value.body["param"] == "response_format"  # type: ignore[index]
     assert "minimum" in caught.value.body["message"]  # type: ignore[index]
+
+
+def test_completions_route_takes_a_json_schema_too(smollm2_server: LiveServer) -> None:
+    # llama-server constrains /completion the same way; lm-eval-style and raw-prompt clients rely on it.
+    completion = sync_client(smollm2_server).completions.create(
+        model=MODEL,
+        prompt="A made-up person, as JSON:",
+        temperature=1.0,
+        n=2,
+        max_tokens=200,
+        extra_body={"response_format": PERSON_FORMAT},
+    )
+    assert len(completion.choices) == 2
+    for choice in completion.choices:
+        assert choice.finish_reason == "stop", choice.text
+        jsonschema.validate(json.loads(choice.text), PERSON_SCHEMA)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from bindings.protocol import BackendError, SamplingParams
@@ -55,9 +56,11 @@ class Harness:
         self.plans: list[StepPlan] = []
         self.events: list[StepEvent] = []
 
-    def submit(self, prompt: bytes | str, params: SamplingParams = GREEDY, n: int = 1) -> Request:
+    def submit(
+        self, prompt: bytes | str, params: SamplingParams = GREEDY, n: int = 1, prompt_logprobs: int | None = None
+    ) -> Request:
         tokens = tuple(prompt.encode() if isinstance(prompt, str) else prompt)
-        request = Request(tokens, params, n=n)
+        request = Request(tokens, params, n=n, prompt_logprobs=prompt_logprobs)
         choices = []
         for index in range(n):
             choices.append(Sequence(self.n_seq, request, index))
@@ -74,10 +77,15 @@ class Harness:
             if plan.entries:
                 self.backend.decode(plan.entries)
             sampled = {seq.seq_id: self.backend.sample(seq.seq_id, i, seq.request.params) for seq, i in plan.samples}
+            prompt_logprobs = {
+                seq.seq_id: self.backend.prompt_logprobs(entry.slot)
+                for entry, seq in zip(plan.entries, plan.entry_sequences, strict=True)
+                if entry.logprob_targets
+            }
         except BackendError as exc:  # as the engine does: fail the plan's requests, keep going
             events = self.scheduler.fail(plan, str(exc))
         else:
-            events = self.scheduler.commit(plan, sampled)
+            events = self.scheduler.commit(plan, sampled, prompt_logprobs)
         for event in events:
             if event.finish_reason is not None:
                 self.backend.free_sampler(event.sequence.seq_id)
@@ -628,3 +636,119 @@ def test_a_prompt_cache_needs_state_sizes() -> None:
     config = SchedulerConfig(n_slots=1, n_ctx_per_slot=64, max_batch_tokens=16, prompt_cache_bytes=1 << 20)
     with pytest.raises(ValueError, match="state_size"):
         Scheduler(config, FakeBackend())
+
+
+# --- prompt logprobs (/v1/completions echo + logprobs) ------------------------------------------------------
+
+
+def reference_prompt_logprobs(backend: FakeBackend, prompt: str) -> list[float]:
+    """Each prompt token's logprob (after the first) under the fake model, computed directly."""
+    tokens = list(prompt.encode())
+    result = []
+    for i in range(1, len(tokens)):
+        logits = backend._model(tokens[:i]).astype(np.float64)
+        shifted = logits - logits.max()
+        result.append(float(shifted[tokens[i]] - np.log(np.exp(shifted).sum())))
+    return result
+
+
+def prompt_events(h: Harness, request: Request) -> list[StepEvent]:
+    return [e for e in h.events if e.sequence.request.request_id == request.request_id and e.prompt_logprobs]
+
+
+def test_prompt_logprobs_span_every_chunk_of_a_long_prompt() -> None:
+    h = Harness(budget=8, n_ctx=64)
+    prompt = "the quick brown fox jumps over"  # 30 tokens: four chunks of at most 8
+    request = h.submit(prompt, replace(GREEDY, max_tokens=2), prompt_logprobs=3)
+    h.run()
+    chunks = [e for plan in h.plans for e in plan.entries if len(e.tokens) > 1 or e.logprob_targets]
+    assert sum(len(e.tokens) for e in chunks) == len(prompt)
+    # each chunk wants the logprob of the token after each of its positions; the last chunk omits its last
+    assert [e.logprob_targets for e in chunks] == [
+        tuple(prompt.encode()[e.start_pos + 1 : e.start_pos + len(e.tokens) + 1]) for e in chunks
+    ]
+    assert len(chunks[-1].logprob_targets) == len(chunks[-1].tokens) - 1
+    assert all(e.top_logprobs == 3 for e in chunks)
+    (first,) = prompt_events(h, request)
+    assert first.token_ids, "the prompt logprobs ride on the first generated token's event"
+    assert [lp.logprob for lp in first.prompt_logprobs] == pytest.approx(reference_prompt_logprobs(h.backend, prompt))
+    assert [lp.token for lp in first.prompt_logprobs] == list(prompt.encode()[1:])
+    for entry in first.prompt_logprobs:
+        assert len(entry.top) == 3
+        assert [t.logprob for t in entry.top] == sorted((t.logprob for t in entry.top), reverse=True)
+    assert h.text(request) == alone(prompt, replace(GREEDY, max_tokens=2), budget=8)
+
+
+def test_max_tokens_zero_finishes_after_the_prefill_without_sampling() -> None:
+    h = Harness()
+    request = h.submit("hello world", replace(GREEDY, max_tokens=0), n=2, prompt_logprobs=0)
+    h.run()
+    assert all(not plan.samples for plan in h.plans), "nothing is sampled"
+    finishing = [e for e in h.events if e.finish_reason is not None]
+    assert [e.sequence.choice_index for e in finishing] == [0, 1]
+    assert all(e.finish_reason is FinishReason.LENGTH and e.text == "" and not e.token_ids for e in finishing)
+    expected = reference_prompt_logprobs(h.backend, "hello world")
+    for event in finishing:
+        assert [lp.logprob for lp in event.prompt_logprobs] == pytest.approx(expected)
+        assert all(not lp.top for lp in event.prompt_logprobs)
+    assert h.scheduler.n_free_slots == 4 and not h.scheduler.has_work
+    assert not any(op.kind == "copy" for plan in h.plans for op in plan.ops), "no choice needs a copy of the prompt"
+    assert h.scheduler.counters.n_requests_finished == 1
+    # the slot keeps the prompt: a later request reuses it as usual
+    later = h.submit("hello world again")
+    h.step()
+    assert h.plans[-1].entries[0].start_pos == len("hello world")
+    h.run()
+    assert h.text(later) == alone("hello world again")
+    assert request.prompt_logprobs == 0
+
+
+def test_prompt_logprobs_never_reuse_a_cached_prefix() -> None:
+    h = Harness(n_slots=2, cache_bytes=CACHE_BYTES)
+    h.submit("shared prefix, then more", replace(GREEDY, max_tokens=2))
+    h.submit("a different prompt", replace(GREEDY, max_tokens=2))
+    h.run()
+    assert [len(slot.cached_tokens) for slot in h.scheduler.slots] == [25, 19]
+    request = h.submit("shared prefix, then more", replace(GREEDY, max_tokens=1), prompt_logprobs=1)
+    plan = h.step()
+    # the slot holding the least is emptied (its contents stashed first), and the prompt is computed whole
+    assert [(op.kind, op.slot) for op in plan.ops] == [("stash", 1), ("clear", 1)]
+    assert plan.entries[0].slot == 1 and plan.entries[0].start_pos == 0
+    h.run()
+    (event,) = prompt_events(h, request)
+    expected = reference_prompt_logprobs(h.backend, "shared prefix, then more")
+    assert [lp.logprob for lp in event.prompt_logprobs] == pytest.approx(expected)
+    assert event.sequence.n_cached_tokens == 0
+    assert h.scheduler.counters.n_prompt_cache_hits == 0
+
+
+def test_prompt_logprobs_on_a_recurrent_model() -> None:
+    h = Harness(partial=False, cache_bytes=CACHE_BYTES, state_bytes_fixed=4096)
+    h.submit("recurrent state prompt", replace(GREEDY, max_tokens=2))
+    h.run()
+    request = h.submit("recurrent state prompt", replace(GREEDY, max_tokens=0), prompt_logprobs=2)
+    h.run()
+    (event,) = prompt_events(h, request)
+    expected = reference_prompt_logprobs(h.backend, "recurrent state prompt")
+    assert [lp.logprob for lp in event.prompt_logprobs] == pytest.approx(expected)
+    assert not any(op.kind == "truncate" for plan in h.plans for op in plan.ops)
+
+
+def test_prompt_logprobs_of_n_choices_are_the_shared_prefill_s() -> None:
+    h = Harness()
+    request = h.submit("abcdef", SamplingParams(temperature=1.0, seed=3, max_tokens=3), n=3, prompt_logprobs=1)
+    h.run()
+    events = prompt_events(h, request)
+    assert sorted(e.sequence.choice_index for e in events) == [0, 1, 2], "each choice's first event has them"
+    assert len({tuple(lp.logprob for lp in e.prompt_logprobs) for e in events}) == 1
+    assert sum(len(e.tokens) for plan in h.plans for e in plan.entries if e.logprob_targets) == 6, "one prefill"
+
+
+def test_a_one_token_prompt_has_no_prompt_logprobs() -> None:
+    h = Harness()
+    request = h.submit("x", replace(GREEDY, max_tokens=0), prompt_logprobs=5)
+    h.run()
+    (event,) = [e for e in h.events if e.finish_reason is not None]
+    assert event.finish_reason is FinishReason.LENGTH and event.prompt_logprobs == ()
+    assert all(not e.logprob_targets for plan in h.plans for e in plan.entries)
+    assert request.prompt_logprobs == 5
