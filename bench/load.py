@@ -62,6 +62,7 @@ class LoadPlan:
     # A `response_format` every request carries (a json_schema workload: grammar-constrained decoding). The
     # grammar ends each answer, so such a plan does not ask for ignore_eos.
     response_format: Mapping[str, Any] | None = None
+    api_key: str | None = None  # for a server with authentication on
 
 
 def require_loopback(base_url: str) -> str:
@@ -218,7 +219,10 @@ async def stream_one(client: httpx.AsyncClient, plan: LoadPlan, prompt: str, sen
     tally = StreamTally()
     try:
         async with client.stream(
-            "POST", f"{plan.base_url}/chat/completions", json=chat_request_body(plan, prompt, send_extras)
+            "POST",
+            f"{plan.base_url}/chat/completions",
+            json=chat_request_body(plan, prompt, send_extras),
+            headers={"Authorization": f"Bearer {plan.api_key}"} if plan.api_key else None,
         ) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
@@ -242,7 +246,7 @@ class RawSender:
 
     def __init__(self, plan: LoadPlan) -> None:
         self._plan = plan
-        self._endpoint = Endpoint.from_base_url(plan.base_url)
+        self._endpoint = Endpoint.from_base_url(plan.base_url, plan.api_key)
         self._connections: dict[int, Connection] = {}
 
     async def __call__(self, prompt: str, send_extras: bool, worker: int) -> RequestResult:

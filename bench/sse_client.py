@@ -34,13 +34,14 @@ class Endpoint:
     host: str
     port: int
     path_prefix: str  # e.g. "/v1", no trailing slash
+    api_key: str | None = None  # sent as `Authorization: Bearer KEY` when set
 
     @staticmethod
-    def from_base_url(base_url: str) -> Endpoint:
+    def from_base_url(base_url: str, api_key: str | None = None) -> Endpoint:
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"only plain http:// base URLs are supported, got {base_url!r}")
-        return Endpoint(parts.hostname, parts.port or 80, parts.path.rstrip("/"))
+        return Endpoint(parts.hostname, parts.port or 80, parts.path.rstrip("/"), api_key)
 
 
 def request_bytes(endpoint: Endpoint, method: str, path: str, body: bytes, accept: str) -> bytes:
@@ -50,7 +51,8 @@ def request_bytes(endpoint: Endpoint, method: str, path: str, body: bytes, accep
         f"Accept: {accept}\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n"
-        "\r\n"
+        + (f"Authorization: Bearer {endpoint.api_key}\r\n" if endpoint.api_key else "")
+        + "\r\n"
     )
     return head.encode("ascii") + body
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 
 from registry.models import RegistryError
-from server.settings import Settings, SettingsError, exposure_error, load_settings
+from server.settings import Settings, SettingsError, exposure_error, load_settings, profile_error
 
 # In-flight requests get this long to finish on SIGTERM/Ctrl-C; then the engine fails what is left.
 GRACEFUL_SHUTDOWN_S = 5
@@ -20,13 +21,33 @@ def configure_logging(settings: Settings) -> None:
     )
 
 
+# `python -m server NAME ...`: tools that read the same settings but do not serve (module:function, imported
+# only when asked for, so serving never pays for them).
+SUBCOMMANDS = {
+    "audit": "server.audit.cli:main",  # verify / export the audit log
+    "keys": "server.auth.cli:main",  # add / list / revoke named API keys
+}
+
+
+def run_subcommand(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module_name, _, function_name = SUBCOMMANDS[name].partition(":")
+    function: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), function_name)
+    return function(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        return run_subcommand(argv[0], argv[1:])
     try:
         settings = load_settings(argv)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    refusal = exposure_error(settings)  # before loading or downloading anything, before binding the port
+    # before loading or downloading anything, before binding the port
+    refusal = exposure_error(settings) or profile_error(settings)
     if refusal is not None:
         print(f"error: {refusal}", file=sys.stderr)
         return 2

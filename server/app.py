@@ -20,8 +20,11 @@ from fastapi import FastAPI
 
 from registry.models import RegistryError, load_registry
 from server.api import admin, embeddings, openai
+from server.api.auth import RateLimitHeaders
 from server.api.errors import CatchUnexpectedErrors, document_openai_errors, install_error_handlers
 from server.api.state import ServerState, app_server_state
+from server.audit.capture import AuditMiddleware
+from server.auth.snapshot import Auth
 from server.chat_template import ChatTemplateError, select_chat_template
 from server.engine.engine import Engine
 from server.metrics import CountRequests
@@ -108,13 +111,19 @@ async def _lifespan(app: FastAPI, *, factory: EngineFactory) -> AsyncIterator[No
         target=_load_model, args=(state, factory, asyncio.get_running_loop()), name="model-loader", daemon=True
     )
     loader.start()
+    if state.audit is not None:
+        state.audit.start()
+    stop_reloading_auth = app.state.auth.reload_on_sighup()  # keys and limits reload on SIGHUP
     try:
         yield
     finally:
+        stop_reloading_auth()
         engine = state.detach()
         if engine is not None:
             # stop() joins the engine thread, whose last act fails every unfinished request: not on the loop
             await asyncio.to_thread(engine.stop)
+        if state.audit is not None:  # after the engine: the requests it failed are recorded too
+            await asyncio.to_thread(state.audit.stop)
 
 
 def create_app(
@@ -135,10 +144,18 @@ def create_app(
         lifespan=partial(_lifespan, factory=factory),
     )
     app.state.server = state
+    app.state.auth = Auth(settings)  # who may call (server/auth): keys, JWT, rate limits
     install_error_handlers(app)
     document_openai_errors(app)
     app.add_middleware(CatchUnexpectedErrors)
+    app.add_middleware(RateLimitHeaders)  # x-ratelimit-* on every answer, errors included
     app.add_middleware(CountRequests, metrics=state.metrics)  # added last: outermost, sees every status
+    app.add_middleware(  # outermost of all: every answer gets its x-request-id, every request one audit record
+        AuditMiddleware,
+        writer=lambda: state.audit,
+        content=settings.audit_content,
+        required=settings.effective_audit_required(),
+    )
     app.include_router(admin.health_router)
     app.include_router(admin.router)
     app.include_router(openai.router)

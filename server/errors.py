@@ -39,6 +39,26 @@ class AuthenticationError(ApiError):
     code = "invalid_api_key"
 
 
+class PermissionDeniedError(ApiError):
+    """Valid credentials without the scope this route needs."""
+
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "insufficient_scope"
+
+
+class RateLimitExceededError(ApiError):
+    """A principal's requests or tokens per minute are spent; the client should retry after `retry_after_s`."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class QueueFullError(ApiError):
     """The waiting queue is at its bound; the client should retry after `retry_after_s`."""
 

@@ -9,16 +9,46 @@ import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from registry.models import DEFAULT_REGISTRY_PATH
+from server.config_file import DEFAULT_PROFILE, ConfigFileError, customise_sources
 
 ENV_PREFIX = "QWEN3_LOCAL_"
+AUDIT_DB_SCHEMES = ("sqlite:///", "postgresql://", "postgres://", "postgresql+psycopg://")
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "qwen3-local"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return customise_sources(settings_cls, init_settings, env_settings)
+
+    # --- where settings come from ------------------------------------------------------------------
+    config: Path | None = Field(
+        default=None,
+        description="A TOML or YAML file of settings (keys: these settings' names) with optional "
+        "[profiles.NAME] tables; environment variables and flags override it (see server/config_file.py).",
+    )
+    profile: str = Field(
+        default=DEFAULT_PROFILE,
+        description="The config file's profile to use (dev, prod, ...). prod refuses to start without "
+        "authentication and an audit log.",
+    )
 
     # --- model -------------------------------------------------------------------------------------
     model: str | None = Field(
@@ -38,12 +68,44 @@ class Settings(BaseSettings):
     )
 
     # --- serving -----------------------------------------------------------------------------------
+    data_dir: Path = Field(
+        default_factory=lambda: default_data_dir(),
+        description="Where the server keeps its own files (API keys, the default SQLite audit database, the "
+        "audit spool). Default: $XDG_DATA_HOME/qwen3-local, else ~/.local/share/qwen3-local.",
+    )
     host: str = Field(default="127.0.0.1", description="Address to listen on.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
     api_key: str | None = Field(default=None, description="If set, clients must send `Authorization: Bearer KEY`.")
     allow_no_auth: bool = Field(
         default=False,
         description="Listen on a non-loopback --host without an --api-key (otherwise the server refuses to start).",
+    )
+    # --- who may call (server/auth; README "Authentication") ----------------------------------------
+    keys_file: Path | None = Field(
+        default=None,
+        description="The named API keys (`python -m server keys add|list|revoke`), stored as SHA-256 hashes; "
+        "reloaded on SIGHUP. Default: DATA_DIR/keys.json. Any key in it turns authentication on.",
+    )
+    jwt_secret: str | None = Field(default=None, description="Accept HS256 JWT bearer tokens signed with this secret.")
+    jwt_public_key: Path | None = Field(
+        default=None, description="Accept RS256 JWT bearer tokens verified with this PEM (or JWK) public key file."
+    )
+    jwt_jwks_file: Path | None = Field(
+        default=None, description="Accept RS256 JWT bearer tokens verified with their `kid`'s key in this JWKS file."
+    )
+    jwt_issuer: str | None = Field(default=None, description="The `iss` JWTs must carry (unchecked if unset).")
+    jwt_audience: str | None = Field(default=None, description="The `aud` JWTs must carry (unchecked if unset).")
+    jwt_scopes_claim: str = Field(
+        default="scope", description="The JWT claim holding the scopes: a space-separated string or a list."
+    )
+    rate_limit_rpm: int | None = Field(
+        default=None, ge=1, description="Requests per minute per key or JWT subject without a limit of its own."
+    )
+    rate_limit_tpm: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens per minute (prompt estimate + max_tokens, charged on admission) per key or JWT subject "
+        "without a limit of its own.",
     )
     parallel: int = Field(default=4, ge=1, le=256, description="Slots: sequences decoded together (n_seq_max).")
     ctx_size: int | None = Field(
@@ -102,6 +164,35 @@ class Settings(BaseSettings):
         "GGUF's <arch>.pooling_type, else mean (chat models such as SmolLM2 or Qwen3 name none).",
     )
 
+    # --- audit log (server/audit; README "Audit log") ------------------------------------------------
+    audit: bool = Field(
+        default=False,
+        description="Record every API request in the tamper-evident audit log (on by itself when --audit-db is "
+        "set); the database is then <data-dir>/audit.sqlite3 unless --audit-db names one.",
+    )
+    audit_db: str | None = Field(
+        default=None,
+        description="The audit database: sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB (turns auditing on).",
+    )
+    audit_content: Literal["full", "hashes", "none"] = Field(
+        default="full",
+        description="What the audit log keeps of prompts and outputs: the full text, only their SHA-256, or none.",
+    )
+    audit_required: bool | None = Field(
+        default=None,
+        description="Answer 503 rather than serve unaudited when the audit spool is full (default: on when "
+        "auditing is on).",
+    )
+    audit_retention_days: int | None = Field(
+        default=None, ge=1, description="Delete audit records older than this many days (default: keep all)."
+    )
+    audit_spool_mib: int = Field(
+        default=64,
+        ge=1,
+        description="Most MiB of audit records spooled to <data-dir>/audit-spool.jsonl while the database is "
+        "unreachable; replayed in order when it returns.",
+    )
+
     # --- llama.cpp ---------------------------------------------------------------------------------
     threads: int | None = Field(default=None, ge=1, description="CPU threads for decoding (default: physical cores).")
     threads_batch: int | None = Field(default=None, ge=1, description="CPU threads for prefill (default: threads).")
@@ -126,6 +217,25 @@ class Settings(BaseSettings):
         description="Where probe verdicts and hardware profiles are cached ($XDG_CACHE_HOME/qwen3-local).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+
+    def effective_keys_file(self) -> Path:
+        return self.keys_file if self.keys_file is not None else self.data_dir / "keys.json"
+
+    @field_validator("audit_db")
+    @classmethod
+    def _audit_db_url(cls, value: str | None) -> str | None:
+        if value is None or value.startswith(AUDIT_DB_SCHEMES):
+            return value
+        raise ValueError("must be sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")
+
+    def effective_audit_db(self) -> str | None:
+        """The audit database URL, or None when auditing is off."""
+        if self.audit_db:
+            return self.audit_db
+        return f"sqlite:///{self.data_dir / 'audit.sqlite3'}" if self.audit else None
+
+    def effective_audit_required(self) -> bool:
+        return self.audit_required if self.audit_required is not None else self.effective_audit_db() is not None
 
     def effective_threads(self) -> int:
         import psutil
@@ -178,13 +288,42 @@ def is_loopback_host(host: str) -> bool:
 
 def exposure_error(settings: Settings) -> str | None:
     """One line saying why the server must not start, or None: listening beyond loopback without an API key
-    must be a deliberate choice."""
-    if is_loopback_host(settings.host) or settings.api_key or settings.allow_no_auth:
+    (--api-key, a named key or a JWT key) must be a deliberate choice, and a key file must be readable."""
+    from server.auth.snapshot import AuthConfigError, auth_configured  # deferred: server.auth imports this module
+
+    try:
+        configured = auth_configured(settings)
+    except AuthConfigError as exc:  # an unreadable key file must stop the start, wherever it listens
+        return str(exc)
+    if is_loopback_host(settings.host) or settings.allow_no_auth or configured:
         return None
     return (
         f"refusing to listen on {settings.host or 'all interfaces'} without an API key: set {ENV_PREFIX}API_KEY "
-        f"(--api-key), or {ENV_PREFIX}ALLOW_NO_AUTH=1 (--allow-no-auth) to serve anyone who can reach the port"
+        f"(--api-key), add a key with `python -m server keys add NAME`, configure a JWT key (--jwt-secret, "
+        f"--jwt-public-key, --jwt-jwks-file), or {ENV_PREFIX}ALLOW_NO_AUTH=1 (--allow-no-auth) to serve anyone "
+        "who can reach the port"
     )
+
+
+def profile_error(settings: Settings) -> str | None:
+    """One line saying why the prod profile must not start, or None: a production deployment authenticates its
+    callers and keeps an audit log, whatever else its config file says."""
+    if settings.profile != "prod":
+        return None
+    from server.auth.snapshot import AuthConfigError, auth_configured  # deferred: server.auth imports this module
+
+    try:
+        configured = auth_configured(settings)
+    except AuthConfigError as exc:
+        return str(exc)
+    missing = []
+    if not configured:
+        missing.append("authentication (--api-key, a key from `python -m server keys add NAME`, or a JWT key)")
+    if settings.effective_audit_db() is None:
+        missing.append("an audit log (--audit-db URL, or --audit for the SQLite one in --data-dir)")
+    if missing:
+        return f"the prod profile refuses to start without {' and '.join(missing)}"
+    return None
 
 
 class SettingsError(ValueError):
@@ -196,6 +335,8 @@ def load_settings(argv: list[str] | None = None) -> Settings:
     parsed = vars(build_parser().parse_args(argv))
     try:
         return Settings(**parsed)
+    except ConfigFileError as exc:
+        raise SettingsError(str(exc)) from exc
     except ValidationError as exc:
         first = exc.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else "?"

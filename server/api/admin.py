@@ -1,4 +1,4 @@
-"""Operational routes: /health (no key needed, for load balancers), /slots and /metrics."""
+"""Operational routes: /health (no key needed, for load balancers), /slots, /plan and /metrics (`admin`)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.api.auth import require_api_key
+from server.api.auth import require_admin
 from server.api.errors import error_body
 from server.api.state import server_state
 from server.metrics import CONTENT_TYPE
 
 health_router = APIRouter()
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(dependencies=[Depends(require_admin)])  # the `admin` scope
 
 
 @health_router.get("/health", response_model=None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from server.api.openai import OFFLOAD_PROMPT_CHARS
 from server.api.schemas import EmbeddingRequest
 from server.api.sse import until_disconnected
 from server.api.state import server_state
+from server.audit.capture import request_audit
 from server.engine.engine import Engine
 from server.errors import InvalidRequestError, RequestTimeoutError
 
@@ -37,6 +39,9 @@ EMBEDDINGS_OFF = (
 @router.post("/v1/embeddings", response_model=None)
 async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
     state = server_state(request)
+    audit = request_audit(request)
+    if audit is not None:
+        audit.model, audit.user = body.model or state.served_model_id, body.user
     state.check_model(body.model)
     engine, _ = state.ready()
     info = engine.embedder_info
@@ -50,6 +55,9 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
             param="dimensions",
         )
     token_lists = await _tokenized(body.inputs(), engine)
+    if audit is not None:  # the output is vectors: the record keeps the input and its token count
+        audit.keep_prompt(json.dumps(body.inputs(), ensure_ascii=False))
+        audit.prompt_tokens = sum(len(tokens) for tokens in token_lists)
     future = engine.embed(token_lists)
     vectors = await until_disconnected(request, _within(asyncio.wrap_future(future), state.settings.request_timeout_s))
     data = [

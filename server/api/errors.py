@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ApiError, EngineFailureError, QueueFullError
+from server.errors import ApiError, EngineFailureError, QueueFullError, RateLimitExceededError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def api_error_body(exc: ApiError) -> dict[str, Any]:
 
 
 def api_error_response(exc: ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFullError) else None
+    retry = isinstance(exc, (QueueFullError, RateLimitExceededError))
+    headers = {"Retry-After": str(getattr(exc, "retry_after_s", 1))} if retry else None
     return JSONResponse(api_error_body(exc), status_code=exc.status_code, headers=headers)
 
 

@@ -14,10 +14,11 @@ from typing import Any
 from bindings.grammar import JSON_OBJECT_GRAMMAR, UnsupportedSchemaError, schema_grammar
 from bindings.protocol import ModelInfo, SamplingParams, TokenLogprob
 from server.api.schemas import SamplingFields
+from server.audit.record import AuditRecord
 from server.engine.engine import Engine, RequestStream
 from server.engine.request import FinishReason, Request, TokenEvent, next_request_id
 from server.errors import ApiError, EngineFailureError, InvalidRequestError, RequestTimeoutError
-from server.metrics import Metrics
+from server.metrics import FinishedRequest, Metrics
 
 _DEFAULTS = SamplingParams()
 
@@ -59,6 +60,28 @@ def sampling_params(
         top_logprobs=top_logprobs,
         grammar=grammar,
     )
+
+
+def audit_params(params: SamplingParams, n: int) -> dict[str, Any]:
+    """The sampling parameters an audit record keeps: what the engine used, defaults filled in."""
+    return {
+        "n": n,
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "min_p": params.min_p,
+        "seed": params.seed,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "repeat_penalty": params.repeat_penalty,
+        "logit_bias": {str(token): bias for token, bias in params.logit_bias.items()},
+        "stop": list(params.stop),
+        "ignore_eos": params.ignore_eos,
+        "logprobs": params.logprobs,
+        "top_logprobs": params.top_logprobs,
+        "constrained": params.grammar is not None,
+    }
 
 
 def response_grammar(response_format: Mapping[str, Any] | None) -> str | None:
@@ -145,6 +168,8 @@ class Generation:
         self._last_token_at: dict[int, float] = {}
         self.final_events: dict[int, TokenEvent] = {}
         self._pumps: list[asyncio.Task[None]] = []
+        self.audit: AuditRecord | None = None  # the request's audit record, when auditing is on
+        self._tokens_seen: dict[int, int] = {}  # per choice, for the record of an answer cut short
 
     @classmethod
     def submit(
@@ -174,9 +199,32 @@ class Generation:
                 index = prompt_index * self.n + event.choice_index
                 self._observe(index, event)
                 yield index, event
-            self._metrics.request_duration.labels(self.endpoint).observe(time.perf_counter() - self._received_at)
+            elapsed = time.perf_counter() - self._received_at
+            self._metrics.request_duration.labels(self.endpoint).observe(elapsed)
+            self._metrics.e2e_latency.labels(self._metrics.model_name).observe(elapsed)
         finally:
             self.cancel()
+            self._book_requests()
+            self._book_audit()
+
+    def _book_requests(self) -> None:
+        """vLLM's per-request metrics, once per engine request: a request whose reader left (or failed) before
+        every choice finished counts as aborted."""
+        for prompt, stream in enumerate(self.streams):
+            finals = [self.final_events.get(prompt * self.n + choice) for choice in range(self.n)]
+            first = finals[0]
+            complete = all(event is not None for event in finals)
+            reason = first.finish_reason if complete and first is not None else None
+            self._metrics.request_finished(
+                FinishedRequest(
+                    finish_reason=reason or FinishReason.CANCELLED,
+                    n_prompt_tokens=stream.n_prompt_tokens,
+                    n_generation_tokens=sum(event.n_generated_tokens for event in finals if event is not None),
+                    queue_seconds=first.queue_seconds if first else None,
+                    prefill_seconds=first.prefill_seconds if first else None,
+                    decode_seconds=first.decode_seconds if first else None,
+                )
+            )
 
     async def _one_stream(self) -> AsyncIterator[tuple[int, TokenEvent]]:
         async for event in self.streams[0]:
@@ -204,7 +252,25 @@ class Generation:
             else:
                 yield item
 
+    def _book_audit(self) -> None:
+        """The audit record gets the response's own usage counts, the finish reasons and the output."""
+        if self.audit is None:
+            return
+        usage = self.usage()
+        self.audit.prompt_tokens = usage["prompt_tokens"]
+        self.audit.cached_tokens = usage["prompt_tokens_details"]["cached_tokens"]
+        # A choice cut short (the client left) has no final event: count the tokens it had streamed.
+        unfinished = sum(n for index, n in self._tokens_seen.items() if index not in self.final_events)
+        self.audit.generated_tokens = usage["completion_tokens"] + unfinished
+        reasons = [event.finish_reason.value for _, event in sorted(self.final_events.items()) if event.finish_reason]
+        self.audit.finish_reason = ",".join(dict.fromkeys(reasons)) or None
+        self.audit.keep_output()
+
     def _observe(self, index: int, event: TokenEvent) -> None:
+        if self.audit is not None:
+            self._tokens_seen[index] = self._tokens_seen.get(index, 0) + len(event.token_ids)
+            if self.audit.wants_output and event.text:
+                self.audit.add_output(index, event.text)
         if event.finish_reason is not None:
             self.final_events[index] = event
         if not event.token_ids:
@@ -212,10 +278,13 @@ class Generation:
         now = time.perf_counter()
         if not self._first_token_seen:
             self._first_token_seen = True
-            self._metrics.time_to_first_token.observe(now - self._received_at)
+            self._metrics.time_to_first_token.labels(self._metrics.model_name).observe(now - self._received_at)
+            if self.audit is not None:
+                self.audit.ttft_ms = round((now - self._received_at) * 1000.0, 3)
         last = self._last_token_at.get(index)
         if last is not None:
-            self._metrics.inter_token_latency.observe((now - last) / len(event.token_ids))
+            gap = (now - last) / len(event.token_ids)
+            self._metrics.inter_token_latency.labels(self._metrics.model_name).observe(gap)
         self._last_token_at[index] = now
 
     def usage(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
@@ -19,6 +20,7 @@ from server.api.errors import stream_error_payload
 from server.api.generation import (
     ChoiceResult,
     Generation,
+    audit_params,
     collect_choices,
     engine_requests,
     event_error,
@@ -42,6 +44,8 @@ from server.api.schemas import (
 from server.api.sse import DONE_EVENT, event_source_response, sse_event, until_disconnected
 from server.api.state import ServerState, server_state
 from server.api.tools import NO_TOOLS, ToolPlan, chat_output_plan, template_variables, tool_plan, tools_for_template
+from server.audit.capture import note_disconnect, note_error, request_audit
+from server.audit.record import AuditRecord
 from server.chat_template import ChatTemplate
 from server.engine.engine import Engine
 from server.engine.request import TokenEvent
@@ -190,7 +194,11 @@ async def _streamed_body(
                 yield data
         if include_usage:
             tail = sse_event(chunks.usage_chunk(generation.usage()))
+    except (asyncio.CancelledError, GeneratorExit):  # the client left mid-stream
+        note_disconnect(generation.audit)
+        raise
     except Exception as exc:
+        note_error(generation.audit, exc)
         if isinstance(exc, ApiError):
             log.warning("stream %s ended by an error: %s", generation.streams[0].request_id, exc.message)
         else:
@@ -234,10 +242,26 @@ async def _collected_body(generation: Generation, build_body: BodyBuilder) -> di
     return build_body(generation, await collect_choices(generation))
 
 
+def _audit_start(request: Request, state: ServerState, model: str | None, user: str | None) -> AuditRecord | None:
+    """The request's audit record (None when auditing is off), with what the body says before anything can
+    fail: a rejected request is recorded with its model and user too."""
+    audit = request_audit(request)
+    if audit is not None:
+        audit.model, audit.user = model or state.served_model_id, user
+    return audit
+
+
+def _audit_submitted(audit: AuditRecord | None, prompt: str, params: SamplingParams, n: int) -> None:
+    if audit is not None:
+        audit.keep_prompt(prompt)
+        audit.params = audit_params(params, n)
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     received_at = time.perf_counter()
     state = server_state(request)
+    audit = _audit_start(request, state, body.model, body.user)
     state.check_model(body.model)
     engine, template = state.ready()
     plan = tool_plan(body)
@@ -256,8 +280,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         grammar=output.grammar.grammar or response_grammar(body.response_format),
     )
     params = dataclasses.replace(params, grammar_triggers=output.grammar.triggers)
+    _audit_submitted(audit, prompt_text, params, body.n)
     response_id, requests = engine_requests([prompt], params, body.n, "chatcmpl")
     generation = Generation.submit(engine, requests, state.metrics, received_at, "chat")
+    generation.audit = audit
     header = ResponseHeader(response_id, int(time.time()), state.served_model_id)
     return await _respond(
         request,
@@ -289,6 +315,7 @@ def _completion_params(body: CompletionRequest, engine: Engine, state: ServerSta
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     received_at = time.perf_counter()
     state = server_state(request)
+    audit = _audit_start(request, state, body.model, body.user)
     state.check_model(body.model)
     engine, _ = state.ready()
     if body.max_tokens == 0 and not body.echo:
@@ -299,10 +326,12 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         )
     params = _completion_params(body, engine, state)
     prompts = body.prompts()
+    _audit_submitted(audit, _prompts_text(prompts), params, body.n)
     prompt_tokens = [await _completion_prompt(prompt, engine) for prompt in prompts]
     response_id, requests = engine_requests(prompt_tokens, params, body.n, "cmpl", prompt_logprobs=body.prompt_logprobs)
     try:
         generation = Generation.submit(engine, requests, state.metrics, received_at, "completions")
+        generation.audit = audit
     except ContextLengthExceededError as exc:
         exc.param = "prompt" if exc.param == "messages" else exc.param
         raise
@@ -329,6 +358,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         ),
         metrics=state.metrics,
     )
+
+
+def _prompts_text(prompts: Sequence[str | list[int]]) -> str:
+    """The prompts as the audit log keeps them: a text as sent, token ids as their JSON list (exact, and they
+    are not checked against the vocabulary yet); several prompts as a JSON list of those."""
+    texts = [prompt if isinstance(prompt, str) else json.dumps(prompt) for prompt in prompts]
+    return texts[0] if len(texts) == 1 else json.dumps(texts, ensure_ascii=False)
 
 
 def _piece_json(piece: bytes) -> str | list[int]:

@@ -7,11 +7,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from fastapi import FastAPI
 from starlette.requests import HTTPConnection
 
+from server.audit.writer import AuditWriter, writer_for
 from server.chat_template import ChatTemplate
 from server.engine.engine import Engine, EngineStats
 from server.errors import ModelNotFoundError, ServiceUnavailableError
@@ -48,7 +49,8 @@ class ServerState:
         self.load_error: str | None = None
         self.engine: Engine | None = None
         self.chat_template: ChatTemplate | None = None
-        self.metrics = Metrics(self.engine_stats)
+        self.metrics = Metrics(self.engine_stats, served_model_id, self.load_report, read_audit_spool=self._audit_spool)
+        self.audit: AuditWriter | None = writer_for(settings)  # None: auditing is off
         self._download_lock = threading.Lock()
         self._download: tuple[int, int] | None = None
 
@@ -71,6 +73,15 @@ class ServerState:
 
     def engine_stats(self) -> EngineStats | None:
         return self.engine.stats() if self.engine is not None and self.status == "ready" else None
+
+    def _audit_spool(self) -> tuple[int, int] | None:
+        """The audit spool's (bytes now, capacity) for the metrics; None when auditing is off."""
+        audit = getattr(self, "audit", None)  # set just after the metrics, in __init__
+        return None if audit is None else (audit.spool_bytes(), audit.spool_max_bytes)
+
+    def load_report(self) -> Mapping[str, Any] | None:
+        """GET /plan's data (the metrics show its placement); None until the model serves."""
+        return self.engine.load_report if self.engine is not None else None
 
     def attach(self, engine: Engine, chat_template: ChatTemplate) -> None:
         """The loader finished: start the engine (on the event loop: it captures the loop) and serve."""

@@ -87,6 +87,7 @@ class EngineStats:
     n_prompt_cache_evictions: int = 0
     n_prompt_cache_stashes_skipped: int = 0
     stash_seconds_per_mib: float = 0.0  # what a stash costs on the engine thread, as measured (running estimate)
+    kv_cache_usage: float = 0.0  # tokens the slots hold / tokens they can hold (vLLM's kv_cache_usage_perc, 0..1)
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,8 @@ class Engine:
                 n_prompt_cache_evictions=counters.n_prompt_cache_evictions,
                 n_prompt_cache_stashes_skipped=counters.n_prompt_cache_stashes_skipped,
                 stash_seconds_per_mib=self._scheduler.stash_seconds_per_byte * (1 << 20),
+                kv_cache_usage=sum(s.n_cached_tokens for s in self._slot_statuses)
+                / max(1, self.info.n_slots * self.info.n_ctx_per_slot),
             )
 
     def _validate(self, request: Request) -> None:
@@ -551,4 +554,16 @@ def _token_event(event: StepEvent) -> TokenEvent:
         n_cached_tokens=seq.n_cached_tokens,
         n_generated_tokens=len(seq.output_tokens),
         error=event.error,
+        **(_phase_seconds(seq) if event.finish_reason is not None else {}),
     )
+
+
+def _phase_seconds(seq: Sequence) -> dict[str, float | None]:
+    """A finished choice's queue / prefill / decode seconds (vLLM's split of a request's life)."""
+    now = time.monotonic()
+    scheduled, first_token = seq.scheduled_at, seq.first_token_at
+    return {
+        "queue_seconds": (scheduled or now) - seq.request.arrival_time,
+        "prefill_seconds": None if scheduled is None else (first_token or now) - scheduled,
+        "decode_seconds": None if first_token is None else now - first_token,
+    }

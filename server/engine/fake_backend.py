@@ -270,6 +270,12 @@ class FakeBackend:
     def _penalized(logits: np.ndarray, recent: list[int], params: SamplingParams) -> np.ndarray:
         for token, bias in params.logit_bias.items():
             logits[token] += bias
+        # An extreme penalty (repeat_penalty 5e-324) overflows a logit to inf, as in float32 C: _choose copes.
+        with np.errstate(over="ignore"):
+            return FakeBackend._apply_penalties(logits, recent, params)
+
+    @staticmethod
+    def _apply_penalties(logits: np.ndarray, recent: list[int], params: SamplingParams) -> np.ndarray:
         for token in set(recent):
             count = recent.count(token)
             if params.repeat_penalty != 1.0:

@@ -57,3 +57,8 @@ class TokenEvent:
     error: str | None = None  # set with FinishReason.ERROR / TIMEOUT
     # Set on each choice's first event when the request asked for them: prompt tokens 1.. (token 0 has none).
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    # On a choice's finishing event: seconds its request waited for a slot (queue), from the slot to the first
+    # token (prefill), from the first token to the last (decode); None where a phase never started.
+    queue_seconds: float | None = None
+    prefill_seconds: float | None = None
+    decode_seconds: float | None = None

@@ -23,6 +23,7 @@ its prefill does, without sampling.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -465,6 +466,7 @@ class Scheduler:
         slot.sequence = seq
         seq.slot = slot.index
         seq.status = status
+        seq.scheduled_at = time.monotonic()
 
     def _plan_decodes(self, plan: StepPlan) -> int:
         n_scheduled = 0
@@ -567,6 +569,8 @@ class Scheduler:
         token = sampled.token
         params = seq.request.params
         seq.output_tokens.append(token)
+        if len(seq.output_tokens) == 1:
+            seq.first_token_at = time.monotonic()
         self.counters.n_generated_tokens += 1
         logprobs = (sampled.logprob,) if sampled.logprob is not None else ()
         prompt_logprobs = self._first_event_prompt_logprobs(seq)

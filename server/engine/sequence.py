@@ -30,6 +30,10 @@ class Sequence:
     output_tokens: list[int] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.., as computed
     finish_reason: FinishReason | None = None
+    # time.monotonic() when the sequence got a slot and when its first token was sampled (the request's
+    # queue / prefill / decode times, as vLLM splits them; see TokenEvent)
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
     text: TextStream = field(init=False)
 
     def __post_init__(self) -> None:

@@ -204,14 +204,14 @@ async def test_metrics_parse_and_count() -> None:
         assert value(http, f"{http}_total", route="/v1/chat/completions", status="200", method="POST") == 2
         assert value(http, f"{http}_total", route="/v1/completions", status="200") == 1
         assert value(http, f"{http}_total", route="unmatched", status="404") == 1
-        ttft = "qwen3_local_time_to_first_token_seconds"
-        assert value(ttft, f"{ttft}_count") == 3
-        itl = "qwen3_local_inter_token_latency_seconds"
-        assert value(itl, f"{itl}_count") == (5 - 1) * 2 + (3 - 1)  # one gap between consecutive tokens
+        ttft = "qwen3_local:time_to_first_token_seconds"
+        assert value(ttft, f"{ttft}_count", model_name=MODEL) == 3
+        itl = "qwen3_local:inter_token_latency_seconds"
+        assert value(itl, f"{itl}_count", model_name=MODEL) == (5 - 1) * 2 + (3 - 1)  # gaps between tokens
         assert value("qwen3_local_generated_tokens", "qwen3_local_generated_tokens_total") == 13
         assert value("qwen3_local_slots") == 4
         assert value("qwen3_local_slots_busy") == 0
-        assert value("qwen3_local_requests_waiting") == 0
+        assert value("qwen3_local:num_requests_waiting", model_name=MODEL) == 0
         assert value("qwen3_local_decode_errors", "qwen3_local_decode_errors_total") == 0
         assert value("qwen3_local_model_ready") == 1
         assert value("qwen3_local_requests_finished", "qwen3_local_requests_finished_total") == 3

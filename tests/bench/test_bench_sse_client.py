@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bench.load import LoadPlan, run_load
-from bench.sse_client import Connection, Endpoint, HttpProtocolError, parse_head, read_all, read_lines
+from bench.sse_client import Connection, Endpoint, HttpProtocolError, parse_head, read_all, read_lines, request_bytes
 
 
 def _event(payload: Any) -> bytes:
@@ -200,3 +200,10 @@ def test_heads_and_endpoints_are_parsed_strictly() -> None:
     with pytest.raises(ValueError):
         Endpoint.from_base_url("https://127.0.0.1/v1")
     assert Connection(Endpoint("127.0.0.1", 1, "")).n_opened == 0
+
+
+def test_an_api_key_goes_out_as_a_bearer_header_and_only_then() -> None:
+    keyed = request_bytes(Endpoint.from_base_url("http://127.0.0.1:8080/v1", "sk-test"), "POST", "/x", b"{}", "*/*")
+    assert b"\r\nAuthorization: Bearer sk-test\r\n" in keyed and keyed.endswith(b"\r\n\r\n{}")
+    plain = request_bytes(Endpoint.from_base_url("http://127.0.0.1:8080/v1"), "POST", "/x", b"{}", "*/*")
+    assert b"Authorization" not in plain and plain.endswith(b"\r\n\r\n{}")

@@ -495,6 +495,20 @@ def test_the_grammar_shortlist_picks_what_the_full_grammar_pass_picks(
         assert set(json.loads(shortlisted)) == {"city", "year"}
 
 
+def test_a_lazy_grammar_holds_from_its_trigger_on(clean: LlamaBackend) -> None:
+    # tool_choice "auto" in small: free text until the trigger (here "Paris", which SmolLM2 writes unprompted
+    # right away; "<tool_call>" in the server), then the grammar from the trigger's match: unconstrained the
+    # model goes on " Paris.\n\nThe United States ...", constrained it must write three digits and "!".
+    free, _ = _sample_until_end(clean, SamplingParams(temperature=0.0), PROMPTS[0], 6)
+    assert free.startswith(b" Paris.")
+    params = SamplingParams(
+        temperature=0.0, grammar='root ::= "Paris" [0-9] [0-9] [0-9] "!"', grammar_triggers=("Paris",)
+    )
+    text, ended = _sample_until_end(clean, params, PROMPTS[0], 12)
+    assert ended
+    assert re.fullmatch(rb" Paris[0-9]{3}!", text), text
+
+
 def test_a_grammar_llama_cpp_rejects_is_a_backend_error(clean: LlamaBackend) -> None:
     with pytest.raises(BackendError, match="grammar could not be compiled"):
         clean.new_sampler(0, SamplingParams(grammar="root ::= undefined-rule"))
