@@ -11,6 +11,7 @@ import itertools
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -82,6 +83,17 @@ class ThrowawayPostgres:
 
     def stop(self) -> None:
         self.executor.stop()
+
+    def kill(self) -> None:
+        """Stop it the way a crash or `kill -9` does: `pg_ctl stop -m immediate` ends every server process
+        without a clean shutdown (the next start runs crash recovery). start() works again afterwards."""
+        subprocess.run(
+            [self.executor.executable, "stop", "-D", self.executor.datadir, "-m", "immediate"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        super(PostgreSQLExecutor, self.executor).stop()  # forget pg_ctl's process, so start() starts anew
 
     def close(self) -> None:
         if self.executor.running():

@@ -193,7 +193,7 @@ async def test_killing_postgresql_mid_run_loses_nothing(tmp_path: Path) -> None:
 
             sent = [await ask(index) for index in range(5)]
             assert writer.flush() and len(_rows(url)) == 5
-            database.stop()
+            database.kill()  # as a crash: no clean shutdown
             sent += [await ask(index) for index in range(5, 12)]  # served while the database is down
             assert writer.flush()
             assert not writer.db_available and writer.spool_path.exists()
