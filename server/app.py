@@ -20,6 +20,7 @@ from fastapi import FastAPI
 
 from registry.models import RegistryError, load_registry
 from server.api import admin, embeddings, openai
+from server.api import ui as ui_api
 from server.api.auth import RateLimitHeaders
 from server.api.errors import CatchUnexpectedErrors, document_openai_errors, install_error_handlers
 from server.api.state import ServerState, app_server_state
@@ -29,6 +30,7 @@ from server.chat_template import ChatTemplateError, select_chat_template
 from server.engine.engine import Engine
 from server.metrics import CountRequests
 from server.settings import Settings
+from server.ui import mount_ui
 
 log = logging.getLogger(__name__)
 
@@ -160,4 +162,6 @@ def create_app(
     app.include_router(admin.router)
     app.include_router(openai.router)
     app.include_router(embeddings.router)
+    app.include_router(ui_api.router)  # /ui/api/*: before the /ui static mount, which would shadow it
+    mount_ui(app)  # the web UI's static files at /ui: keep last, after every /ui/api route
     return app
