@@ -51,6 +51,8 @@ OPERATIONS = {
     "POST /tokenize",
     "POST /detokenize",
     "POST /v1/embeddings",
+    "GET /ui/api/whoami",
+    "GET /ui/api/stats",
 }
 
 
