@@ -64,9 +64,9 @@ def test_structured_output_json_mode(smollm2_server: LiveServer, counted_http: C
 def test_structured_output_json_mode_without_a_schema_is_an_object(
     smollm2_server: LiveServer, counted_http: CountedHttp
 ) -> None:
-    structured = chat_model(smollm2_server, counted_http, temperature=1.0).with_structured_output(
-        None, method="json_mode"
-    )
+    # greedy: at temperature 1 a 135M model may wander inside a string until max_tokens (the grammar allows any
+    # object), which would test the model, not the route
+    structured = chat_model(smollm2_server, counted_http).with_structured_output(None, method="json_mode")
     for prompt in ("Describe a cat.", "List three fruits.", "What is 2 + 2?"):
         assert isinstance(structured.invoke(prompt), dict)  # whatever the question, the answer is an object
     assert len(counted_http.requests) == 3

@@ -82,7 +82,8 @@ def idle_slots(server: LiveServer) -> bool:
 
 
 def test_stop_ends_the_stream_and_frees_the_slot(page: Page, ui_server: LiveServer) -> None:
-    open_chat(page, ui_server, temperature="0.8", max_tokens="900")
+    # greedy: sampled, a 135M model sometimes ends its count before the stream is long enough to stop
+    open_chat(page, ui_server, temperature="0", max_tokens="900")
     page.get_by_label("Message").fill("Count from 1 to 1000, one number per line.")
     page.keyboard.press("Enter")  # Enter sends
     expect(page.get_by_role("button", name="Stop")).to_be_enabled()
@@ -105,7 +106,7 @@ def test_stop_ends_the_stream_and_frees_the_slot(page: Page, ui_server: LiveServ
 
 
 def test_escape_stops_and_shift_enter_adds_a_line(page: Page, ui_server: LiveServer) -> None:
-    open_chat(page, ui_server, temperature="0.8", max_tokens="900")
+    open_chat(page, ui_server, temperature="0", max_tokens="900")  # greedy, as above
     prompt = page.get_by_label("Message")
     prompt.fill("Count from 1 to 1000")
     prompt.press("Shift+Enter")
