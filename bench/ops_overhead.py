@@ -28,7 +28,7 @@ from pathlib import Path
 import psycopg
 
 from bench.load import DEFAULT_PROMPTS_PATH, LoadPlan, load_prompts, run_load
-from bench.postgres import ThrowawayPostgres
+from bench.postgres import ThrowawayPostgres, free_port
 from bench.process import RunningServer, ServerSpec, exit_on_termination, run_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,12 +45,6 @@ class Variant:
     spec: ServerSpec
     api_key: str | None
     audit_db: str | None
-
-
-def _free_port() -> int:
-    from bench.postgres import free_port
-
-    return free_port()
 
 
 def make_key(keys_file: Path) -> str:
@@ -74,7 +68,7 @@ def server_command(model: str, port: int, data_dir: Path, args: argparse.Namespa
 def variant(name: str, work: Path, args: argparse.Namespace, postgres_url: str | None) -> Variant:
     data_dir = work / name
     data_dir.mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     command = server_command(args.model, port, data_dir, args)
     api_key = None
     audit_db = None
@@ -157,8 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             by_name = {v.name: v for v in variants}
             for round_index in range(args.rounds):
                 for name in round_order(VARIANTS, round_index):
-                    model = args.model  # the served id is the models.yaml name
-                    rate = asyncio.run(_one_level(running[name], by_name[name].api_key, args, model))
+                    # the served model id is the models.yaml name
+                    rate = asyncio.run(_one_level(running[name], by_name[name].api_key, args, args.model))
                     rates[name].append(rate)
                     print(f"round {round_index + 1} {name:10} {rate:7.1f} tok/s", flush=True)
         counts = {v.name: audit_record_count(v.audit_db) for v in variants if v.audit_db is not None}

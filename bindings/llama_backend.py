@@ -177,6 +177,8 @@ class LlamaBackend:
         self._samplers: dict[int, Any] = {}
         self._greedy_biases: dict[int, _GreedyBiases] = {}  # samplers whose chain is an argmax (see _greedy_token)
         self._grammars: dict[int, GrammarGate] = {}  # kept out of the chains: checked token-first (constrained.py)
+        # top-k samplers with a grammar and no penalties: the biases their shortlist is ranked by, and their k
+        self._shortlists: dict[int, tuple[_GreedyBiases, int]] = {}
         self._candidates: Candidates | None = None  # the full-vocabulary candidate array, made on first use
         self._saved_states: dict[int, tuple[bytearray, int]] = {}  # per-slot snapshots ("save"/"restore")
         self._prompt_cache: dict[int, tuple[bytearray, int]] = {}  # stashed states by entry id ("stash"/"load")
@@ -487,6 +489,9 @@ class LlamaBackend:
         grammar = self._new_grammar(params)  # first: it is the part that can fail
         if grammar is not None:
             self._grammars[sampler_id] = grammar
+            shortlist_biases = self._top_k_shortlist_biases(params)
+            if shortlist_biases is not None:
+                self._shortlists[sampler_id] = (shortlist_biases, params.top_k)
         self._samplers[sampler_id] = self._build_sampler_chain(params)
         greedy_biases = self._argmax_biases(params)
         if greedy_biases is not None:
@@ -570,6 +575,7 @@ class LlamaBackend:
 
     def free_sampler(self, sampler_id: int) -> None:
         self._greedy_biases.pop(sampler_id, None)
+        self._shortlists.pop(sampler_id, None)
         grammar = self._grammars.pop(sampler_id, None)
         if grammar is not None:
             grammar.free()
@@ -587,7 +593,7 @@ class LlamaBackend:
         greedy_biases = self._greedy_biases.get(sampler_id)
         grammar = self._grammars.get(sampler_id)
         if grammar is not None:
-            token = self._constrained_token(chain, grammar, logits_index, params, greedy_biases)
+            token = self._constrained_token(chain, grammar, sampler_id, logits_index)
         elif greedy_biases is None:
             token = llama.llama_sampler_sample(chain, self._ctx, logits_index)
         else:
@@ -596,34 +602,30 @@ class LlamaBackend:
             return SampledToken(token=token)
         return SampledToken(token=token, logprob=self._logprob(token, logits_index, params.top_logprobs))
 
-    def _constrained_token(
-        self,
-        chain: Any,
-        grammar: GrammarGate,
-        logits_index: int,
-        params: SamplingParams,
-        greedy_biases: _GreedyBiases | None,
-    ) -> int:
+    def _constrained_token(self, chain: Any, grammar: GrammarGate, sampler_id: int, logits_index: int) -> int:
         if self._candidates is None:
             self._candidates = Candidates(self._n_vocab)
         logits = self._logits_view(logits_index)
-        plan = self._constrained_plan(logits, params, greedy_biases)
-        return sample_constrained(chain, grammar, self._candidates, logits, plan)
+        return sample_constrained(chain, grammar, self._candidates, logits, self._constrained_plan(logits, sampler_id))
 
-    def _constrained_plan(
-        self, logits: npt.NDArray[np.float32], params: SamplingParams, greedy_biases: _GreedyBiases | None
-    ) -> ConstrainedPlan:
-        """Which shortcuts are exact for this request's chain (see bindings/constrained.py): a shortlist ranked
-        by the biased logits holds the answer only when nothing after the biases reorders tokens before the
-        chain's own ranking stage (argmax or top-k), i.e. no penalties."""
+    def _constrained_plan(self, logits: npt.NDArray[np.float32], sampler_id: int) -> ConstrainedPlan:
+        """Which shortcuts are exact for this sampler's chain (see bindings/constrained.py and new_sampler)."""
+        greedy_biases = self._greedy_biases.get(sampler_id)
         if greedy_biases is not None:  # biases (none positive) + argmax
             return ConstrainedPlan(stateless_argmax=True, shortlist_scores=_biased(logits, greedy_biases))
-        no_penalties = params.repeat_penalty == 1.0 and not params.frequency_penalty and not params.presence_penalty
-        top_k_sampling = not params.greedy and 0 < params.top_k <= SHORTLIST // 4
-        biases = self._argmax_biases(replace(params, temperature=0.0)) if no_penalties else None
-        if top_k_sampling and biases is not None:
-            return ConstrainedPlan(False, shortlist_scores=_biased(logits, biases), min_allowed=params.top_k)
+        shortlist = self._shortlists.get(sampler_id)
+        if shortlist is not None:
+            biases, top_k = shortlist
+            return ConstrainedPlan(stateless_argmax=False, shortlist_scores=_biased(logits, biases), min_allowed=top_k)
         return ConstrainedPlan(stateless_argmax=False, shortlist_scores=None)
+
+    def _top_k_shortlist_biases(self, params: SamplingParams) -> _GreedyBiases | None:
+        """For top-k sampling without penalties (nothing reorders tokens between the biases and top-k), the
+        biases a grammar shortlist is ranked by; None where only the full grammar pass is exact."""
+        no_penalties = params.repeat_penalty == 1.0 and not params.frequency_penalty and not params.presence_penalty
+        if params.greedy or not 0 < params.top_k <= SHORTLIST // 4 or not no_penalties:
+            return None
+        return self._argmax_biases(replace(params, temperature=0.0))
 
     def _greedy_token(self, logits_index: int, biases: _GreedyBiases) -> int:
         """What the logit-bias + greedy chain picks, without it: llama_sampler_sample copies all n_vocab logits

@@ -49,8 +49,8 @@ class ServerState:
         self.load_error: str | None = None
         self.engine: Engine | None = None
         self.chat_template: ChatTemplate | None = None
-        self.metrics = Metrics(self.engine_stats, served_model_id, self.load_report, read_audit_spool=self._audit_spool)
         self.audit: AuditWriter | None = writer_for(settings)  # None: auditing is off
+        self.metrics = Metrics(self.engine_stats, served_model_id, self.load_report, read_audit_spool=self._audit_spool)
         self._download_lock = threading.Lock()
         self._download: tuple[int, int] | None = None
 
@@ -76,8 +76,7 @@ class ServerState:
 
     def _audit_spool(self) -> tuple[int, int] | None:
         """The audit spool's (bytes now, capacity) for the metrics; None when auditing is off."""
-        audit = getattr(self, "audit", None)  # set just after the metrics, in __init__
-        return None if audit is None else (audit.spool_bytes(), audit.spool_max_bytes)
+        return None if self.audit is None else (self.audit.spool_bytes(), self.audit.spool_max_bytes)
 
     def load_report(self) -> Mapping[str, Any] | None:
         """GET /plan's data (the metrics show its placement); None until the model serves."""
