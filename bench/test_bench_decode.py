@@ -34,7 +34,7 @@ from server.settings import Settings
 N_STREAMS = 16
 N_TOKENS = 32
 ROUNDS = 3
-SETTINGS = Settings(model="smollm2-135m-instruct", parallel=N_STREAMS, threads=N_THREADS, ctx_size=512)
+SETTINGS = Settings(model=["smollm2-135m-instruct"], parallel=N_STREAMS, threads=N_THREADS, ctx_size=512)
 PARAMS = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True)
 LOAD_TIMEOUT_S = 120.0
 

@@ -65,7 +65,10 @@ def _bindings_lib_dir() -> Path:
 
 
 def _load_shared_library(lib_dir: Path, base_name: str) -> ctypes.CDLL:
-    for suffix in (".so", ".dylib"):
+    # The soname first (libggml.so.0): it is the file libllama links against. A wheel holds libggml.so and
+    # libggml.so.0 as two copies, not links; loading the other copy would give a second, separate ggml
+    # registry (devices registered there, e.g. RPC workers, are not the ones llama.cpp sees).
+    for suffix in (".so.0", ".so", ".dylib"):
         candidate = lib_dir / f"lib{base_name}{suffix}"
         if candidate.exists():
             return ctypes.CDLL(str(candidate))

@@ -59,7 +59,9 @@ FLASH_ATTN_MODES: Mapping[str, int] = MappingProxyType(
         "off": llama.LLAMA_FLASH_ATTN_TYPE_DISABLED,
     }
 )
-CACHE_OP_KINDS: frozenset[str] = frozenset({"clear", "truncate", "save", "restore", "copy", "stash", "load", "drop"})
+CACHE_OP_KINDS: frozenset[str] = frozenset(
+    {"clear", "truncate", "save", "restore", "copy", "stash", "load", "drop", "checkpoint", "rollback"}
+)
 
 # llama_decode's return codes (llama.h).
 _DECODE_ERRORS: Mapping[int, str] = MappingProxyType(
@@ -94,6 +96,9 @@ class LlamaBackendConfig:
     kv_unified: bool = False  # one KV buffer for all slots; measured 2-9% slower here
     offload_kqv: bool = True  # KV cache and attention on the GPU that holds the layer
     op_offload: bool = True  # run ops on host-resident weights on the GPU for large batches
+    # Load Qwen3-Next's MTP block too (`blk.N.nextn.*`, skipped otherwise) for --spec-type mtp; the model must
+    # declare one (`<arch>.nextn_predict_layers`). The trunk's outputs are the same either way (docs/mtp.md).
+    load_mtp: bool = False
 
     def __post_init__(self) -> None:
         for field_name in ("n_slots", "n_ctx_per_slot", "n_batch", "n_ubatch"):
@@ -182,6 +187,7 @@ class LlamaBackend:
         self._candidates: Candidates | None = None  # the full-vocabulary candidate array, made on first use
         self._saved_states: dict[int, tuple[bytearray, int]] = {}  # per-slot snapshots ("save"/"restore")
         self._prompt_cache: dict[int, tuple[bytearray, int]] = {}  # stashed states by entry id ("stash"/"load")
+        self._checkpoints: dict[int, tuple[bytearray, int]] = {}  # per-slot recurrent states ("checkpoint")
         self._output_indices: frozenset[int] = frozenset()  # batch indices with logits, last decode
         self._pending_output_indices: frozenset[int] = frozenset()  # those of the batch being decoded
         # Prompt logprobs: (slot, first batch index, targets, top-N) of the batch being decoded, and the
@@ -237,10 +243,17 @@ class LlamaBackend:
             params.tensor_buft_overrides = ctypes.cast(self._buft_overrides, ctypes.c_void_p).value
         if config.tensor_split:
             params.tensor_split = self._tensor_split
+        params.load_mtp = config.load_mtp
         model = llama.llama_model_load_from_file(os.fsencode(model_path), params)
         if not model:
             detail = failure_detail(self._log_capture.drain())
             raise BackendError(f"cannot load model {model_path}: {detail}")
+        if config.load_mtp and llama.llama_model_n_layer_nextn(model) < 1:
+            llama.llama_model_free(model)
+            raise BackendError(
+                f"model {model_path} has no multi-token-prediction (MTP) head (no nextn_predict_layers: not a "
+                "Qwen3-Next GGUF, or converted with --no-mtp), so --spec-type mtp cannot draft with it"
+            )
         return model
 
     def _create_context(self, model_path: Path) -> Any:
@@ -343,6 +356,13 @@ class LlamaBackend:
         return self._model
 
     @property
+    def context_handle(self) -> Any:
+        """The llama_context the engine decodes in, for a drafter that reads its outputs (bindings/mtp.py: the
+        hidden states an MTP head drafts from); valid until close(), which must come after the drafter's."""
+        self._check_open()
+        return self._ctx
+
+    @property
     def config(self) -> LlamaBackendConfig:
         return self._config
 
@@ -364,6 +384,10 @@ class LlamaBackend:
                 self._restore(op.slot, self._prompt_cache, op.entry)
             elif op.kind == "drop":
                 self._prompt_cache.pop(op.entry, None)
+            elif op.kind == "checkpoint":
+                self._checkpoint(op.slot)
+            elif op.kind == "rollback":
+                self._rollback(op.slot, op.n_keep)
             elif op.kind == "copy":
                 self._check_slot(op.src, "copy source")
                 if op.src == op.slot:
@@ -399,6 +423,40 @@ class LlamaBackend:
             store.pop(key, None)  # the old state may be half overwritten
             raise BackendError(f"saving slot {slot}: llama.cpp wrote {n_written} of {n_bytes} bytes")
         store[key] = (storage, n_bytes)
+
+    def _checkpoint(self, slot: int) -> None:
+        """Speculation on a model without partial removal: keep the slot's recurrent state before a decode of
+        drafted tokens (LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: the hybrid memory writes only its recurrent part,
+        a fixed size; the attention KV can be cut back by position). As llama-server's speculative checkpoints."""
+        if self._info.supports_partial_removal:
+            return  # a rollback is a plain truncate there
+        flags = llama.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        n_bytes = llama.llama_state_seq_get_size_ext(self._ctx, slot, flags)
+        storage, _ = self._checkpoints.get(slot, (bytearray(), 0))
+        if len(storage) < n_bytes:
+            storage = bytearray(n_bytes)
+        view = (ctypes.c_uint8 * n_bytes).from_buffer(storage)
+        n_written = llama.llama_state_seq_get_data_ext(self._ctx, view, n_bytes, slot, flags)
+        if n_written != n_bytes:
+            self._checkpoints.pop(slot, None)
+            raise BackendError(f"checkpoint of slot {slot}: llama.cpp wrote {n_written} of {n_bytes} bytes")
+        self._checkpoints[slot] = (storage, n_bytes)
+
+    def _rollback(self, slot: int, n_keep: int) -> None:
+        """Back to the checkpoint's recurrent state, and the attention KV cut to its n_keep positions: then
+        seq_rm(n_keep, -1) works on a hybrid model, since the restored recurrent cell ends at n_keep - 1."""
+        if self._info.supports_partial_removal:
+            self._truncate(slot, n_keep)
+            return
+        if slot not in self._checkpoints:
+            raise BackendError(f"rollback of slot {slot}: no checkpoint was taken")
+        storage, n_bytes = self._checkpoints[slot]
+        view = (ctypes.c_uint8 * n_bytes).from_buffer(storage)
+        flags = llama.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        if llama.llama_state_seq_set_data_ext(self._ctx, view, n_bytes, slot, flags) != n_bytes:
+            raise BackendError(f"rollback of slot {slot}: llama.cpp could not restore its checkpoint")
+        if not llama.llama_memory_seq_rm(self._memory, slot, n_keep, -1):
+            raise BackendError(f"rollback of slot {slot}: llama.cpp cannot drop its positions from {n_keep} on")
 
     def _restore(self, slot: int, store: dict[int, tuple[bytearray, int]], key: int) -> None:
         if key not in store:
@@ -446,7 +504,7 @@ class LlamaBackend:
             raise DecodeError("a decode needs at least one token")
         if n_tokens > self._info.n_batch:
             raise DecodeError(f"{n_tokens} tokens in one decode exceed n_batch={self._info.n_batch}")
-        outputs = []
+        outputs: list[int] = []
         self._pending_prompt_targets = []
         start = 0
         try:
@@ -462,8 +520,9 @@ class LlamaBackend:
                 for seq_ids in self._batch_seq_ids[start:end]:
                     seq_ids[0] = entry.slot
                 if entry.logits_last and end > start:
-                    self._batch_output_flags[end - 1] = 1
-                    outputs.append(end - 1)
+                    first = end - min(max(entry.n_logits, 1), end - start)  # n_logits > 1: drafted positions
+                    self._batch_output_flags[first:end] = 1
+                    outputs += range(first, end)
                 if entry.logprob_targets:
                     outputs += self._want_prompt_logits(entry, start)
                 start = end
@@ -687,6 +746,7 @@ class LlamaBackend:
             self._model = None
         self._saved_states.clear()
         self._prompt_cache.clear()
+        self._checkpoints.clear()
         self._release_log_capture()
 
     def _route_log_here(self) -> None:

@@ -47,6 +47,9 @@ class SamplingParams:
     # Non-empty: the grammar is lazy (tool_choice auto): free text until one of these regexes matches the
     # output so far, then the grammar holds from the match on (llama_sampler_init_grammar_lazy_patterns).
     grammar_triggers: tuple[str, ...] = ()
+    # Speculative decoding may draft for this request (it never changes what is sampled, only how many tokens
+    # one decode yields); False: the API's per-request opt-out ("speculative": false).
+    speculative: bool = True
 
     @property
     def greedy(self) -> bool:
@@ -104,6 +107,9 @@ class BatchEntry:
     # logits predict the first generated token and are sampled as usual.
     logprob_targets: tuple[int, ...] = ()
     top_logprobs: int = 0  # and this many best alternatives at each of those positions
+    # Speculative decoding: with logits_last, logits for the last n_logits positions (the slot's last accepted
+    # token and its drafted tokens, each position verifying the next), read at consecutive batch indices.
+    n_logits: int = 1
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,11 @@ class CacheOp:
       "load"     — replace `slot`'s state by prompt-cache entry `entry` (the entry stays).
       "drop"     — forget prompt-cache entry `entry` (`slot` is unused); dropping an unknown entry is a no-op,
                    so a drop may be repeated after a failed step.
+      "checkpoint" — (speculative decoding on models without partial removal) snapshot only the part of
+                   `slot`'s state that cannot be cut back (the recurrent state; llama.cpp's
+                   LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY), replacing its previous checkpoint. Cheap: no KV.
+      "rollback" — restore `slot`'s checkpoint and drop its positions from n_keep on (the checkpoint's
+                   length); where supports_partial_removal it is just a truncate.
     """
 
     kind: str
@@ -134,6 +145,49 @@ class CacheOp:
     src: int = -1
     entry: int = -1
     n_bytes: int = 0  # "stash": the slot's state size the scheduler budgeted for (state_size when planned)
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """One slot's ask for draft tokens: its sequence so far (prompt, then output; the last output token is the
+    one the next decode feeds back) and how many tokens at most. `key` names the sequence (engine-unique), so
+    a drafter may keep per-sequence state (an n-gram index) and drop it with `forget`."""
+
+    key: int
+    slot: int
+    prompt: Sequence[int]
+    output: Sequence[int]  # the sequence's own list (not a copy): read it during draft() only
+    n_max: int
+
+
+class Drafter(Protocol):
+    """Proposes the tokens that probably follow a sequence, deterministically (a point-mass proposal: see
+    server/engine/speculation.py for why that keeps sampling exact). Engine thread only.
+
+    Implementations: n-gram self-speculation (server/engine/speculation.py, pure Python), a small draft model
+    (bindings/draft_model.py), and Qwen3-Next's multi-token-prediction head (bindings/mtp.py, which also follows
+    the slots' cache ops: server/engine/speculation.py CacheFollower)."""
+
+    name: str
+
+    def draft(self, requests: Sequence[DraftRequest]) -> list[tuple[int, ...]]:
+        """Drafts for every request, in order (each at most its n_max tokens, possibly empty). Raises
+        BackendError when a model behind it fails; the engine then drafts nothing that step."""
+        ...
+
+    def forget(self, key: int) -> None:
+        """The sequence `key` finished: drop whatever was kept for it."""
+        ...
+
+    def observe(self, entries: Sequence[BatchEntry]) -> None:
+        """Called after every target decode with its entries, before sampling: a drafter that needs the target's
+        per-position state (an MTP head reads the hidden states of exactly those positions) takes it here; the
+        others do nothing. Must not raise: a drafter that loses track drafts nothing."""
+        ...
+
+    def close(self) -> None:
+        """Free what the drafter holds (a draft model's context); called once, when the engine stops."""
+        ...
 
 
 class Vocab(Protocol):

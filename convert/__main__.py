@@ -30,10 +30,11 @@ def _cmd_pull(args: argparse.Namespace) -> None:
 def _cmd_gguf(args: argparse.Namespace) -> None:
     from convert.hf_to_gguf import convert_checkpoint
 
-    summary = convert_checkpoint(args.hf_dir, args.out, out_type=args.outtype)
+    summary = convert_checkpoint(args.hf_dir, args.out, out_type=args.outtype, mtp=not args.no_mtp)
+    mtp = f", MTP layers {summary.n_mtp_layers}" if summary.n_mtp_layers else ""
     print(
         f"wrote {args.out}: {summary.architecture}, {summary.n_tensors} tensors, "
-        f"{summary.n_bytes / 1e6:.1f} MB, vocab {summary.n_vocab}, pre-tokenizer {summary.tokenizer_pre}"
+        f"{summary.n_bytes / 1e6:.1f} MB, vocab {summary.n_vocab}, pre-tokenizer {summary.tokenizer_pre}{mtp}"
     )
 
 
@@ -50,7 +51,9 @@ def _cmd_quantize(args: argparse.Namespace) -> None:
 def _cmd_synth(args: argparse.Namespace) -> None:
     from convert.synth import write_synthetic_model
 
-    out = write_synthetic_model(args.arch, args.out, dtype=args.dtype, seed=args.seed, n_layers=args.layers)
+    out = write_synthetic_model(
+        args.arch, args.out, dtype=args.dtype, seed=args.seed, n_layers=args.layers, mtp=args.mtp
+    )
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
 
 
@@ -79,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         default="bf16",
         help="type of the weight matrices (norms and small vectors stay f32); default bf16",
     )
+    gguf.add_argument(
+        "--no-mtp",
+        action="store_true",
+        help="leave out Qwen3-Next's multi-token-prediction head (kept by default: --spec-type mtp drafts with it)",
+    )
     gguf.set_defaults(run=_cmd_gguf)
 
     quantize = commands.add_parser("quantize", help="quantize a GGUF with llama.cpp (optionally MoE-aware)")
@@ -106,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--dtype", default="f32", help="f32, f16, q8_0 or q4_0")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--layers", type=int, default=None, help="number of layers (default: the arch's)")
+    synth.add_argument(
+        "--mtp", action="store_true", help="qwen3next: add a multi-token-prediction head (see docs/mtp.md)"
+    )
     synth.set_defaults(run=_cmd_synth)
 
     inspect = commands.add_parser("inspect", help="metadata, tensor types and bytes per layer of a GGUF")

@@ -17,7 +17,13 @@ qwen3next special cases (Gated DeltaNet layers, gated attention, shared expert):
   `attn_qkv` and all z in `attn_gate`. `in_proj_ba` keeps its per-group [b, a] layout (llama.cpp splits it).
 - `conv1d.weight` [channels, 1, kernel] loses its middle axis.
 - `shared_expert_gate` [1, n_embd] becomes the vector `ffn_gate_inp_shexp`.
-- Multi-token-prediction weights (`mtp.*`) are left out: llama.cpp does not need them to generate.
+- Multi-token-prediction weights (`mtp.*`, the draft head Qwen3-Next ships) are kept, the way the bound
+  llama.cpp loads them (its convert_hf_to_gguf.py `_QwenMtpMixin`, src/models/qwen3next.cpp; docs/mtp.md):
+  the MTP layer `mtp.layers.i.*` becomes block `blk.{num_hidden_layers + i}` with the trunk's names and
+  transforms, `mtp.fc` → `nextn.eh_proj`, `mtp.pre_fc_norm_embedding` → `nextn.enorm`,
+  `mtp.pre_fc_norm_hidden` → `nextn.hnorm`, `mtp.norm` → `nextn.shared_head_norm` (norms +1 as above);
+  block_count counts the MTP blocks and `qwen3next.nextn_predict_layers` says how many there are.
+  `mtp=False` (`--no-mtp`) leaves them out (a smaller file that cannot draft with `--spec-type mtp`).
 Routed experts (per-expert tensors, or the fused `experts.gate_up_proj`/`experts.down_proj` of newer
 transformers) are stacked into one [n_expert, rows, cols] tensor per projection and layer.
 """
@@ -152,7 +158,8 @@ class ConversionSummary:
     n_bytes: int  # tensor data bytes written
     n_vocab: int
     tokenizer_pre: str
-    skipped: tuple[str, ...]  # checkpoint tensors deliberately left out (e.g. mtp.*)
+    skipped: tuple[str, ...]  # checkpoint tensors deliberately left out (e.g. mtp.* with mtp=False)
+    n_mtp_layers: int = 0  # multi-token-prediction blocks written after the trunk (nextn_predict_layers)
 
 
 @dataclass(frozen=True)
@@ -263,28 +270,79 @@ _GLOBAL_NAMES = {
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _FUSED_EXPERTS = re.compile(r"^mlp\.experts\.(gate_up_proj|down_proj)(?:\.weight)?$")
-_SKIPPED = re.compile(r"^(mtp\.|model\.mtp\.)|rotary_emb\.inv_freq$")
+_SKIPPED = re.compile(r"rotary_emb\.inv_freq$")
+_MTP = re.compile(r"^(?:model\.)?mtp\.(.+)$")
+_MTP_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+# The MTP head's own projections (after "mtp.") → GGUF name after "blk.{first MTP block}.".
+_MTP_NAMES: Mapping[str, str] = {
+    "fc.weight": "nextn.eh_proj.weight",
+    "pre_fc_norm_embedding.weight": "nextn.enorm.weight",
+    "pre_fc_norm_hidden.weight": "nextn.hnorm.weight",
+    "norm.weight": "nextn.shared_head_norm.weight",
+}
+
+
+def count_mtp_layers(arch: str, stored: Mapping[str, StoredTensor]) -> int:
+    """MTP layers in the checkpoint (`mtp.layers.N.*`); only qwen3next's are converted (0 for the others)."""
+    if arch != "qwen3next":
+        return 0
+    mtp_names = [name for name in stored if _MTP.match(name)]
+    if not mtp_names:
+        return 0
+    indices = {int(m[1]) for name in mtp_names if (m := _MTP_LAYER.match(_mtp_rest(name) or ""))}
+    if not indices:
+        raise ConversionError(
+            f"the checkpoint's MTP head is incomplete (no mtp.layers.0.*, only {', '.join(sorted(mtp_names)[:3])}); "
+            "convert with --no-mtp to leave it out"
+        )
+    if indices != {0}:
+        # llama.cpp's qwen3next MTP graph runs exactly one block (GGML_ASSERT n_layer_nextn == 1).
+        raise ConversionError(f"the checkpoint has MTP layers {sorted(indices)}; llama.cpp's qwen3next runs one")
+    missing = [f"mtp.{name}" for name in _MTP_NAMES if not any(_mtp_rest(n) == name for n in stored)]
+    if missing:
+        raise ConversionError(f"the checkpoint's MTP head lacks {', '.join(missing)}; --no-mtp leaves it out")
+    return 1
+
+
+def _mtp_rest(hf_name: str) -> str | None:
+    match = _MTP.match(hf_name)
+    return match[1] if match else None
+
+
+def _mtp_renamed(hf_name: str, n_layers: int) -> str:
+    """An MTP tensor's name as the trunk's converter reads it: its layer as `model.layers.{n_layers + i}`,
+    its own projections as `model.layers.{n_layers}.nextn.*` (mapped below)."""
+    rest = _mtp_rest(hf_name) or ""
+    if layer := _MTP_LAYER.match(rest):
+        return f"model.layers.{n_layers + int(layer[1])}.{layer[2]}"
+    return f"model.layers.{n_layers}.{_MTP_NAMES.get(rest, 'mtp.' + rest)}"
 
 
 def plan_tensors(
-    arch: str, config: ModelConfig, stored: Mapping[str, StoredTensor]
+    arch: str, config: ModelConfig, stored: Mapping[str, StoredTensor], *, mtp: bool = True
 ) -> tuple[list[PlannedTensor], list[str]]:
-    """Every GGUF tensor to write (in order) and the checkpoint tensors deliberately skipped."""
+    """Every GGUF tensor to write (in order) and the checkpoint tensors deliberately skipped.
+
+    mtp: keep qwen3next's multi-token-prediction head (other architectures have none to keep)."""
     planned: list[PlannedTensor] = []
     skipped: list[str] = []
     experts: dict[tuple[int, str], dict[int, StoredTensor]] = {}
     unmapped: list[str] = []
-    layer_names = _LAYER_NAMES[arch]
-    for hf_name, tensor in stored.items():
-        if _SKIPPED.search(hf_name):
-            skipped.append(hf_name)
+    layer_names = {**_LAYER_NAMES[arch], **({name: name for name in _MTP_NAMES.values()} if mtp else {})}
+    n_layers = int(config.need("num_hidden_layers"))
+    for stored_name, tensor in stored.items():
+        is_mtp = _MTP.match(stored_name) is not None
+        if _SKIPPED.search(stored_name) or (is_mtp and not (mtp and arch == "qwen3next")):
+            skipped.append(stored_name)
             continue
+        # Transforms (norm +1, ...) look at the name the tensor has in the trunk's terms.
+        hf_name = _mtp_renamed(stored_name, n_layers) if is_mtp else stored_name
         if hf_name in _GLOBAL_NAMES:
             planned.append(_simple(arch, config, tensor, _GLOBAL_NAMES[hf_name], hf_name, layer=None))
             continue
         layer_match = _LAYER.match(hf_name)
         if layer_match is None:
-            unmapped.append(hf_name)
+            unmapped.append(stored_name)
             continue
         layer, rest = int(layer_match[1]), layer_match[2]
         if rest in layer_names:
@@ -296,7 +354,7 @@ def plan_tensors(
         elif arch == "qwen3next" and rest == "linear_attn.in_proj_qkvz.weight":
             planned.extend(_split_qkvz(config, layer, tensor))
         else:
-            unmapped.append(hf_name)
+            unmapped.append(stored_name)
     if unmapped:
         shown = ", ".join(sorted(unmapped)[:5]) + (" ..." if len(unmapped) > 5 else "")
         raise ConversionError(f"no {arch} GGUF tensor for {len(unmapped)} checkpoint tensor(s): {shown}")
@@ -430,10 +488,14 @@ def _fused_experts(layer: int, kind: str, tensor: StoredTensor) -> list[PlannedT
 # ---------------------------------------------------------------- metadata
 
 
-def add_metadata(writer: gguf.GGUFWriter, arch: str, config: ModelConfig, name: str, out_type: str) -> None:
+def add_metadata(
+    writer: gguf.GGUFWriter, arch: str, config: ModelConfig, name: str, out_type: str, n_mtp_layers: int = 0
+) -> None:
     n_layers = int(config.need("num_hidden_layers"))
     writer.add_name(name)
-    writer.add_block_count(n_layers)
+    writer.add_block_count(n_layers + n_mtp_layers)  # llama.cpp's trunk is block_count - nextn_predict_layers
+    if n_mtp_layers:
+        writer.add_nextn_predict_layers(n_mtp_layers)
     writer.add_context_length(int(config.need("max_position_embeddings")))
     writer.add_embedding_length(int(config.need("hidden_size")))
     writer.add_head_count(int(config.need("num_attention_heads")))
@@ -451,7 +513,7 @@ def add_metadata(writer: gguf.GGUFWriter, arch: str, config: ModelConfig, name: 
     if arch in ("qwen3moe", "qwen3next"):
         _add_moe(writer, arch, config, n_layers)
     if arch == "qwen3next":
-        _add_gated_deltanet(writer, config, n_layers)
+        _add_gated_deltanet(writer, config, n_layers, n_mtp_layers)
 
 
 def _add_rope(writer: gguf.GGUFWriter, arch: str, config: ModelConfig) -> None:
@@ -486,7 +548,7 @@ def _add_moe(writer: gguf.GGUFWriter, arch: str, config: ModelConfig, n_layers: 
         writer.add_expert_shared_feed_forward_length(int(config.need("shared_expert_intermediate_size")))
 
 
-def _add_gated_deltanet(writer: gguf.GGUFWriter, config: ModelConfig, n_layers: int) -> None:
+def _add_gated_deltanet(writer: gguf.GGUFWriter, config: ModelConfig, n_layers: int, n_mtp_layers: int) -> None:
     head_k = int(config.need("linear_key_head_dim"))
     head_v = int(config.need("linear_value_head_dim"))
     if head_k != head_v:
@@ -508,9 +570,9 @@ def _add_gated_deltanet(writer: gguf.GGUFWriter, config: ModelConfig, n_layers: 
     else:
         if len(layer_types) != n_layers:
             raise ConversionError(f"layer_types has {len(layer_types)} entries for {n_layers} layers")
-        writer.add_array(
-            f"{writer.arch}.attention.recurrent_layers", [kind == "linear_attention" for kind in layer_types]
-        )
+        # One entry per block: the MTP blocks are full attention.
+        recurrent = [kind == "linear_attention" for kind in layer_types] + [False] * n_mtp_layers
+        writer.add_array(f"{writer.arch}.attention.recurrent_layers", recurrent)
 
 
 # ---------------------------------------------------------------- writing
@@ -541,8 +603,10 @@ def _declare(writer: gguf.GGUFWriter, planned: PlannedTensor, ggml_type: gguf.GG
     return n_values * dtype.itemsize
 
 
-def convert_checkpoint(hf_dir: Path, out: Path, *, out_type: str = "bf16") -> ConversionSummary:
-    """Convert the checkpoint in `hf_dir` to `out` (written under a temporary name, renamed when complete)."""
+def convert_checkpoint(hf_dir: Path, out: Path, *, out_type: str = "bf16", mtp: bool = True) -> ConversionSummary:
+    """Convert the checkpoint in `hf_dir` to `out` (written under a temporary name, renamed when complete).
+
+    mtp: keep Qwen3-Next's multi-token-prediction head (False: leave it out, like llama.cpp's --no-mtp)."""
     from tqdm.auto import tqdm
 
     hf_dir, out = Path(hf_dir), Path(out)
@@ -553,10 +617,11 @@ def convert_checkpoint(hf_dir: Path, out: Path, *, out_type: str = "bf16") -> Co
     config = read_config(hf_dir)
     arch = architecture_of(config)
     stored = index_checkpoint(hf_dir)
-    planned, skipped = plan_tensors(arch, config, stored)
+    n_mtp_layers = count_mtp_layers(arch, stored) if mtp else 0
+    planned, skipped = plan_tensors(arch, config, stored, mtp=mtp)
     n_vocab = int(config.need("vocab_size"))
     writer = gguf.GGUFWriter(path=None, arch=arch)
-    add_metadata(writer, arch, config, hf_dir.resolve().name, out_type)
+    add_metadata(writer, arch, config, hf_dir.resolve().name, out_type, n_mtp_layers)
     try:
         vocab = add_tokenizer(writer, hf_dir, n_vocab)
     except TokenizerError as exc:
@@ -592,4 +657,5 @@ def convert_checkpoint(hf_dir: Path, out: Path, *, out_type: str = "bf16") -> Co
         n_vocab=n_vocab,
         tokenizer_pre=vocab.pre,
         skipped=tuple(skipped),
+        n_mtp_layers=n_mtp_layers,
     )

@@ -12,6 +12,15 @@ byte-level BPE tokenizer (so real text tokenizes and detokenizes), and a ChatML 
 - Router weights are scaled up so the router logits of different experts are well apart: near-ties flip
   the chosen expert under rounding, and batched vs single-sequence results would then differ for a
   reason that is not the engine's fault.
+- qwen3next with `mtp=True` (`--mtp`) gets Qwen3-Next's multi-token-prediction head the way llama.cpp
+  loads it (see docs/mtp.md): one extra block `blk.{n_layers}` (a full-attention + MoE block like the
+  trunk's) with `nextn.eh_proj`, `nextn.enorm`, `nextn.hnorm`, `nextn.shared_head_norm`, block_count
+  counting it and `qwen3next.nextn_predict_layers = 1`. Random MTP weights would guess the next-but-one
+  token about 1 time in n_vocab, and a speculative-decoding test would then never see an accepted draft:
+  so the head is built to be a good guesser of this model. The trunk's layers are damped (see
+  `_MTP_TRUNK_DAMPING`), making the model nearly a bigram model (next token ≈ f(current token)), and the
+  MTP block passes the embedding of its input token straight through (eh_proj = [I | 0], small block
+  outputs), so it predicts f(token) too: most drafts are accepted, some are not.
 
 The same arguments always write the same bytes (the random stream of each tensor is seeded from the
 seed and the tensor's name), and a file appears under its final name only once it is complete.
@@ -110,6 +119,12 @@ class SynthDims:
     ssm_state_size: int = 0  # head dim of keys and of values
     ssm_group_count: int = 0  # key heads
     ssm_time_step_rank: int = 0  # value heads
+    n_mtp_layers: int = 0  # multi-token-prediction blocks after the trunk (qwen3next only: 0 or 1)
+
+    @property
+    def n_blocks(self) -> int:
+        """GGUF block_count: the trunk's layers and the MTP blocks that follow them."""
+        return self.n_layers + self.n_mtp_layers
 
     @property
     def ssm_inner_size(self) -> int:
@@ -165,11 +180,13 @@ def _default_dims(arch: str) -> SynthDims:
     return SynthDims(arch=arch, n_layers=2, head_dim=16, rope_dim=16, rope_freq_base=10_000.0, rms_eps=1e-5)
 
 
-def synthetic_dims(arch: str, n_layers: int | None = None) -> SynthDims:
+def synthetic_dims(arch: str, n_layers: int | None = None, *, mtp: bool = False) -> SynthDims:
     """The hyperparameters `write_synthetic_model` uses for `arch` (ValueError for what it cannot write)."""
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(SUPPORTED_ARCHS)}")
-    dims = _default_dims(arch)
+    if mtp and arch != "qwen3next":
+        raise ValueError(f"an MTP head is written for qwen3next only, not {arch}")
+    dims = replace(_default_dims(arch), n_mtp_layers=1 if mtp else 0)
     if n_layers is None:
         return dims
     if n_layers < 1:
@@ -191,6 +208,7 @@ def write_synthetic_model(
     seed: int = 0,
     n_layers: int | None = None,
     legacy_ssm_in: bool = False,
+    mtp: bool = False,
 ) -> Path:
     """Write a tiny random-weight GGUF of `arch` to `out` (atomically) and return `out`.
 
@@ -198,12 +216,13 @@ def write_synthetic_model(
     and the decay vectors stay f32, as llama.cpp's converter keeps them.
     legacy_ssm_in (qwen3next): write each Gated DeltaNet input projection as one fused `ssm_in` tensor,
     the layout of GGUFs converted before llama.cpp split it into `attn_qkv` + `attn_gate`.
+    mtp (qwen3next): add a multi-token-prediction head that guesses well (see the module docstring).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(SUPPORTED_DTYPES)}")
     if legacy_ssm_in and arch != "qwen3next":
         raise ValueError("legacy_ssm_in applies to qwen3next only")
-    dims = synthetic_dims(arch, n_layers)
+    dims = synthetic_dims(arch, n_layers, mtp=mtp)
     weight_type, file_type = _DTYPES[dtype]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +259,9 @@ def _add_metadata(writer: gguf.GGUFWriter, dims: SynthDims, file_type: gguf.Llam
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(dims.context_length)
     writer.add_embedding_length(dims.n_embd)
-    writer.add_block_count(dims.n_layers)
+    writer.add_block_count(dims.n_blocks)
+    if dims.n_mtp_layers:
+        writer.add_nextn_predict_layers(dims.n_mtp_layers)
     writer.add_feed_forward_length(dims.n_ff)
     writer.add_head_count(dims.n_head)
     writer.add_head_count_kv(dims.n_head_kv)
@@ -376,10 +397,13 @@ class _TensorSpec:
 
     name: str
     shape: tuple[int, ...]
-    kind: str  # "matrix": normal(0, scale / sqrt(fan_in)); "norm": 1 + normal(0, 0.1); "values": given
+    # "matrix": normal(0, scale / sqrt(fan_in)); "norm": 1 + normal(0, 0.1); "values": given;
+    # "passthrough" (n, 2n): [identity | normal(0, scale / sqrt(n))]
+    kind: str
     scale: float = 1.0
     keep_f32: bool = False
     values: tuple[float, ...] = ()
+    stream: str = ""  # the name whose random stream fills it (default: its own name)
 
 
 def _matrix(name: str, shape: tuple[int, ...], scale: float = 1.0, keep_f32: bool = False) -> _TensorSpec:
@@ -397,7 +421,52 @@ def _tensors(dims: SynthDims, n_vocab: int, legacy_ssm_in: bool) -> Iterator[_Te
     yield _norm("output_norm.weight", dims.n_embd)
     yield _matrix("output.weight", (n_vocab, dims.n_embd), scale=2.5)
     for layer in range(dims.n_layers):
-        yield from _layer_tensors(dims, layer, legacy_ssm_in)
+        yield from _damped(dims, _layer_tensors(dims, layer, legacy_ssm_in))
+    for layer in range(dims.n_layers, dims.n_blocks):
+        yield from _mtp_tensors(dims, layer)
+
+
+# With an MTP head, the trunk's layer outputs are scaled by this (see the module docstring): small enough
+# that the embedding dominates the residual stream, large enough that the context still changes some
+# predictions (so some drafts are rejected).
+_MTP_TRUNK_DAMPING = 0.15
+# What writes into the residual stream: a layer's output projections.
+_RESIDUAL_WRITERS = ("attn_output.weight", "ssm_out.weight", "ffn_down_exps.weight", "ffn_down_shexp.weight")
+
+
+def _damped(dims: SynthDims, specs: Iterator[_TensorSpec]) -> Iterator[_TensorSpec]:
+    for spec in specs:
+        if dims.n_mtp_layers and spec.name.endswith(_RESIDUAL_WRITERS):
+            spec = replace(spec, scale=spec.scale * _MTP_TRUNK_DAMPING)
+        yield spec
+
+
+def _mtp_tensors(dims: SynthDims, layer: int) -> Iterator[_TensorSpec]:
+    """One MTP block as llama.cpp's qwen3next loader reads it: a trunk-like full-attention MoE block plus the
+    nextn projections. eh_proj maps concat(enorm(embedding), hnorm(hidden)) to the block's input; here it
+    copies the embedding half and ignores the hidden half, and the block's own outputs are small, so the
+    head predicts what the (nearly bigram) trunk predicts after its input token."""
+    blk = f"blk.{layer}"
+    yield _norm(f"{blk}.attn_norm.weight", dims.n_embd)
+    yield _norm(f"{blk}.post_attention_norm.weight", dims.n_embd)
+    yield from _damped(dims, _attention_tensors(dims, blk, query_gate=True))
+    yield from _damped(dims, _moe_tensors(dims, blk))
+    yield from _damped(dims, _shared_expert_tensors(dims, blk))
+    # GGUF {2 * n_embd, n_embd}: numpy (n_embd, 2 * n_embd), input columns [embedding | hidden]. The
+    # hidden half is small but not zero, so a head fed the wrong hidden state drafts differently.
+    yield _TensorSpec(
+        name=f"{blk}.nextn.eh_proj.weight", shape=(dims.n_embd, 2 * dims.n_embd), kind="passthrough", scale=0.3
+    )
+    yield _TensorSpec(
+        name=f"{blk}.nextn.enorm.weight",
+        shape=(dims.n_embd,),
+        kind="values",
+        keep_f32=True,
+        values=(1.0,) * dims.n_embd,
+    )
+    yield _norm(f"{blk}.nextn.hnorm.weight", dims.n_embd)
+    # The trunk's final norm, value for value (same random stream): the head's logits then match the trunk's.
+    yield replace(_norm(f"{blk}.nextn.shared_head_norm.weight", dims.n_embd), stream="output_norm.weight")
 
 
 def _layer_tensors(dims: SynthDims, layer: int, legacy_ssm_in: bool) -> Iterator[_TensorSpec]:
@@ -484,10 +553,16 @@ def _shared_expert_tensors(dims: SynthDims, blk: str) -> Iterator[_TensorSpec]:
 
 def _tensor_values(spec: _TensorSpec, seed: int) -> npt.NDArray[np.float32]:
     # Each tensor's stream depends only on the seed and its name: adding layers changes no other tensor.
-    rng = np.random.default_rng([seed, zlib.crc32(spec.name.encode("utf-8"))])
+    rng = np.random.default_rng([seed, zlib.crc32((spec.stream or spec.name).encode("utf-8"))])
     if spec.kind == "values":
         return np.asarray(spec.values, dtype=np.float32).reshape(spec.shape)
     noise = rng.standard_normal(spec.shape, dtype=np.float32)
+    if spec.kind == "passthrough":
+        n = spec.shape[0]
+        mixed = np.concatenate(
+            [np.eye(n, dtype=np.float32), noise[:, n:] * np.float32(spec.scale / np.sqrt(n))], axis=1
+        )
+        return mixed.astype(np.float32)
     if spec.kind == "norm":
         return (1.0 + 0.1 * noise).astype(np.float32)
     fan_in = spec.shape[-1]

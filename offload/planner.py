@@ -385,13 +385,24 @@ class _Evaluation:
         return all(d.free_bytes >= 0 for d in self.devices)
 
 
+# Compute buffer sizes by (GPU count, placement, settings): they do not depend on the memory budgets, so a
+# caller planning one model many times against different budgets (offload/joint.py) shares one of these.
+ComputeCache = dict[tuple[Any, ...], dict[int, int]]
+
+
 class _Planner:
-    def __init__(self, shape: ModelShape, hardware: HardwareProfile, request: PlanRequest) -> None:
+    def __init__(
+        self,
+        shape: ModelShape,
+        hardware: HardwareProfile,
+        request: PlanRequest,
+        compute_cache: ComputeCache | None = None,
+    ) -> None:
         self.shape = shape
         self.hardware = hardware
         self.request = request
         self.n_gpus = len(hardware.gpus)
-        self._compute_cache: dict[tuple[Any, ...], dict[int, int]] = {}
+        self._compute_cache: ComputeCache = {} if compute_cache is None else compute_cache
         self._tensor_device_cache: dict[_Placement, dict[int, int]] = {}
         self.tied_output = not any(t.name == "output.weight" for t in shape.tensors)
         self._by_layer: dict[int, list[TensorInfo]] = {}
@@ -428,7 +439,15 @@ class _Planner:
     def compute(self, placement: _Placement, settings: _Settings) -> dict[int, int]:
         n_ctx_seq, _ = context_sizes(settings.ctx, settings.parallel)
         # memoised: the search evaluates the same placement several times
-        key = (placement, settings.kv_type, settings.n_ubatch, settings.n_batch, n_ctx_seq, settings.parallel)
+        key = (
+            self.n_gpus,
+            placement,
+            settings.kv_type,
+            settings.n_ubatch,
+            settings.n_batch,
+            n_ctx_seq,
+            settings.parallel,
+        )
         cached = self._compute_cache.get(key)
         if cached is None:
             config = ComputeConfig(
@@ -808,16 +827,21 @@ def _search(planner: _Planner, ctx_choices: list[int]) -> list[_Evaluation]:
     return []
 
 
-def plan(shape: ModelShape, hardware: HardwareProfile, request: PlanRequest) -> Plan:
-    """The highest-scoring placement of `shape` on `hardware` for `request`; PlanError if nothing fits."""
-    planner = _Planner(shape, hardware, request)
+def plan(
+    shape: ModelShape, hardware: HardwareProfile, request: PlanRequest, *, compute_cache: ComputeCache | None = None
+) -> Plan:
+    """The highest-scoring placement of `shape` on `hardware` for `request`; PlanError if nothing fits.
+
+    compute_cache: shared between calls for the same `shape` only (the joint planner plans one model against
+    many budgets); None keeps the cache to this call."""
+    planner = _Planner(shape, hardware, request, compute_cache)
     ctx_choices = _ctx_choices(shape, request)
     evaluations = _search(planner, ctx_choices)
     tradeoffs: list[str] = []
     if not evaluations and hardware.gpus:
         # GPUs too small even for the compute buffer of prompt batches (llama.cpp copies RAM-resident weights
         # into it): everything on the CPU, with op_offload off so that nothing is copied to them
-        cpu_only = _Planner(shape, replace(hardware, gpus=()), request)
+        cpu_only = _Planner(shape, replace(hardware, gpus=()), request, compute_cache)
         evaluations = _search(cpu_only, ctx_choices)
         if evaluations:
             planner = cpu_only

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from offload.gguf_shape import ModelShape
 from offload.hardware import GIB, MIB
+from offload.joint import JointPlan
 from offload.planner import Plan
 
 
@@ -94,4 +95,42 @@ def render_table(result: Plan, shape: ModelShape) -> str:
     lines.append(f"binding constraint: {result.binding_constraint}")
     for tradeoff in result.tradeoffs:
         lines.append(f"trade-off: {tradeoff}")
+    return "\n".join(lines)
+
+
+def render_joint_table(joint: JointPlan, shapes: Mapping[str, ModelShape]) -> str:
+    """Several models in one server: bytes per model and device, the devices' totals, then each model's plan
+    in brief (`shapes` by member name, for the layer counts)."""
+    devices = [d.name for d in joint.devices]
+    header = ("model", "weight", *devices)
+    rows = [header]
+    rows += [(m.name, f"{m.weight:g}", *(_size(m.bytes_on(d)) for d in devices)) for m in joint.members]
+    rows.append(("total", "", *(_size(d.used_bytes) for d in joint.devices)))
+    rows.append(("budget", "", *(_size(d.budget_bytes) for d in joint.devices)))
+    rows.append(("free", "", *(_size(d.free_bytes) for d in joint.devices)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    verdict = "all fit" if joint.fits else f"{len(joint.problems)} left out"
+    lines = [f"joint plan of {len(joint.members) + len(joint.problems)} models ({verdict})", ""]
+    lines += ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+    lines.append("(CPU includes each model's prompt snapshots and prompt cache)")
+    for member in joint.members:
+        result, shape = member.plan, shapes.get(member.name)
+        n_layer = shape.n_layer if shape is not None else len(result.layers)
+        experts = (
+            f", routed experts of {result.gpu_expert_layers} layers on a GPU"
+            if any(layer.experts_device is not None for layer in result.layers)
+            else ""
+        )
+        lines += [
+            "",
+            f"{member.name}{' (kept as loaded)' if member.kept else ''}: n_gpu_layers {result.n_gpu_layers} of "
+            f"{n_layer + 1}{experts}; context {result.ctx} x {result.parallel}, KV cache {result.kv_type}, "
+            f"micro-batch {result.n_ubatch}",
+            f"  predicted: decode {result.predicted.decode_tokens_per_s:.1f} tok/s, "
+            f"prefill {result.predicted.prefill_tokens_per_s:.0f} tok/s; "
+            f"prompt cache {_size(result.prompt_cache_bytes)}",
+        ]
+        lines += [f"  override: {pattern} -> {device}" for pattern, device in result.tensor_overrides]
+    for problem in joint.problems:
+        lines += ["", f"{problem.name}: {problem.reason}"]
     return "\n".join(lines)

@@ -6,7 +6,7 @@ import importlib.util
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -138,10 +138,49 @@ class ModelEntry(BaseModel):
         return None if repo is None else _check_repo_id(repo)
 
 
+class ServeEntry(BaseModel):
+    """One model a server serves beside others (`serve:` in models.yaml or a --config file; server/fleet): what
+    to load, the ids it answers to, and the settings it overrides for itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    model: str = Field(description="A models.yaml name or a path to a .gguf.")
+    id: str | None = Field(default=None, description="The id clients send as `model` (default: the name or stem).")
+    aliases: list[str] = Field(default_factory=list, description="More ids it answers to.")
+    keep_alive: str | int | float | None = Field(
+        default=None, description="Idle time before it unloads (Ollama's: '5m', seconds, 0, -1 = never)."
+    )
+    preload: bool | None = Field(default=None, description="Load at start (default: only the first model).")
+    priority: int = Field(default=0, description="Higher: kept loaded before lower ones when memory is short.")
+    # per-model settings (server/settings.py's names and meanings)
+    parallel: int | None = Field(default=None, ge=1, le=256)
+    ctx_size: int | None = Field(default=None, ge=16)
+    threads: int | None = Field(default=None, ge=1)
+    threads_batch: int | None = Field(default=None, ge=1)
+    max_queue: int | None = Field(default=None, ge=0)
+    max_batch_tokens: int | None = Field(default=None, ge=1)
+    mmap: bool | None = None
+    mlock: bool | None = None
+    n_gpu_layers: int | None = None
+    embeddings: bool | None = None
+    auto_offload: bool | None = None
+    chat_template: str | None = None
+    prompt_cache_mib: int | None = Field(default=None, ge=0)
+
+    FLEET_FIELDS: ClassVar[frozenset[str]] = frozenset({"model", "id", "aliases", "keep_alive", "preload", "priority"})
+
+    def setting_overrides(self) -> dict[str, Any]:
+        """The settings this entry sets for its model (fields left out take the server's)."""
+        values = self.model_dump(exclude=set(self.FLEET_FIELDS), exclude_none=True)
+        return dict(values)
+
+
 class Registry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     default: str
     models: dict[str, ModelEntry]
+    serve: list[ServeEntry] = Field(
+        default_factory=list, description="Models to serve together when no --model is given (server/fleet)."
+    )
 
     def entry(self, name: str) -> ModelEntry:
         try:

@@ -11,6 +11,7 @@ from server.settings import Settings, SettingsError, exposure_error, load_settin
 
 # In-flight requests get this long to finish on SIGTERM/Ctrl-C; then the engine fails what is left.
 GRACEFUL_SHUTDOWN_S = 5
+GIL_SWITCH_INTERVAL_S = 0.0005  # see main(): how long a thread back from llama.cpp may wait for the GIL
 
 
 def configure_logging(settings: Settings) -> None:
@@ -26,6 +27,7 @@ def configure_logging(settings: Settings) -> None:
 SUBCOMMANDS = {
     "audit": "server.audit.cli:main",  # verify / export the audit log
     "keys": "server.auth.cli:main",  # add / list / revoke named API keys
+    "rpc-worker": "server.rpc.worker:main",  # serve this machine's devices over llama.cpp's RPC backend
 }
 
 
@@ -35,6 +37,23 @@ def run_subcommand(name: str, argv: list[str]) -> int:
     module_name, _, function_name = SUBCOMMANDS[name].partition(":")
     function: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), function_name)
     return function(argv)
+
+
+def _locate(settings: Settings) -> bool:
+    """Fail fast, before binding the port, on a model that can never resolve (False, after one line); a model
+    that only has to be downloaded downloads in the loader, with the port bound and /health reporting it."""
+    from server.boot.loader import locate_settings_model
+
+    try:
+        name, model = locate_settings_model(settings)
+    except RegistryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return False
+    if model is None:
+        logging.getLogger("server").info("model %s is not downloaded yet: it downloads now, /health says how far", name)
+    else:
+        logging.getLogger("server").info("model %s: %s", model.name, model.path)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,24 +70,31 @@ def main(argv: list[str] | None = None) -> int:
     if refusal is not None:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
+    if settings.rpc:  # a --rpc worker that does not answer would abort the process inside ggml-rpc: one line
+        from server.rpc.boot import worker_error
+
+        if (rpc_refusal := worker_error(settings)) is not None:
+            print(f"error: {rpc_refusal}", file=sys.stderr)
+            return 2
     configure_logging(settings)
+    # A thread waiting for the GIL gets it when the holder blocks or after this interval. An engine thread back
+    # from llama_decode (C code, GIL released) waits behind the event loop's or another engine's Python work,
+    # its cores idle meanwhile: CPython's 5 ms default is a sixth of a 30 ms step.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     import uvicorn
 
     from server.app import create_app
-    from server.boot.loader import locate_settings_model
+    from server.fleet.spec import FleetConfigError, model_specs
 
     try:
-        # Fail fast, before binding the port, on a --model that can never resolve; a model that only has to
-        # be downloaded downloads in the loader, with the port bound and /health reporting the progress.
-        name, model = locate_settings_model(settings)
-    except RegistryError as exc:
+        specs = model_specs(settings)
+    except FleetConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if model is None:
-        logging.getLogger("server").info("model %s is not downloaded yet: it downloads now, /health says how far", name)
-    else:
-        logging.getLogger("server").info("model %s: %s", model.name, model.path)
+        return 2
+    for spec in specs:
+        if not _locate(spec.settings):
+            return 1
     load_errors: list[str] = []
     server: uvicorn.Server | None = None
 

@@ -1,24 +1,19 @@
-"""The FastAPI app: routes, the one error mapping, metrics, and the model's lifecycle.
+"""The FastAPI app: routes, the one error mapping, metrics, and the served models' lifecycle (server/fleet).
 
-The model loads (and, on first use, downloads) in a background thread, so the server answers from the first
-second: /health says 503 "downloading" with the bytes done, then "loading", until the engine runs, then 200.
-Everything the app holds hangs off `app.state.server`.
+Models load (and, on first use, download) in background threads, so the server answers from the first second:
+/health says 503 "downloading" with the bytes done, then "loading", until an engine runs, then 200. Models not
+preloaded load on their first request. Everything the app holds hangs off `app.state.server`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
-from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 
-from registry.models import RegistryError, load_registry
 from server.api import admin, embeddings, openai
 from server.api import ui as ui_api
 from server.api.auth import RateLimitHeaders
@@ -26,9 +21,13 @@ from server.api.errors import CatchUnexpectedErrors, document_openai_errors, ins
 from server.api.state import ServerState, app_server_state
 from server.audit.capture import AuditMiddleware
 from server.auth.snapshot import Auth
-from server.chat_template import ChatTemplateError, select_chat_template
 from server.engine.engine import Engine
+from server.fleet.admission import MIB, Admission, JointAdmission, MemoryBudget, default_budget_bytes
+from server.fleet.fleet import EngineBuilder
+from server.fleet.slot import ModelSlot
+from server.fleet.spec import ModelSpec, model_specs
 from server.metrics import CountRequests
+from server.rpc.failover import RpcFailover, app_failover
 from server.settings import Settings
 from server.ui import mount_ui
 
@@ -38,93 +37,55 @@ EngineFactory = Callable[[], Engine]
 
 
 def served_model_id(settings: Settings) -> str:
-    """The id clients send as `model`: the configured name, else the models.yaml name or the file's stem."""
-    if settings.served_model_name:
-        return settings.served_model_name
-    if settings.model is None:
-        return load_registry(settings.models_file).default
-    path = Path(settings.model).expanduser()
-    if settings.model.endswith(".gguf") or path.is_file():
-        return path.stem
-    return settings.model
+    """The id clients send as `model` for the default (first) model."""
+    return model_specs(settings)[0].id
 
 
-def model_sampling_defaults(settings: Settings) -> dict[str, float]:
-    """The served model's models.yaml sampling defaults; none for a GGUF path (it has no registry entry)."""
-    if settings.model is not None:
-        path = Path(settings.model).expanduser()
-        if settings.model.endswith(".gguf") or path.is_file():
-            return {}
-    try:
-        registry = load_registry(settings.models_file)
-        entry = registry.entry(settings.model or registry.default)
-    except RegistryError as exc:
-        # The loader reads the registry again and reports this same error as the load's failure (503 and
-        # /health say why); the app itself must still come up to say it.
-        log.debug("no sampling defaults: %s", exc)
-        return {}
-    return entry.sampling.given()
-
-
-def _build_engine(settings: Settings, state: ServerState) -> Engine:
+def _build_engine(spec: ModelSpec, slot: ModelSlot) -> Engine:
     from server.boot.loader import build_engine  # deferred: it imports llama.cpp, which loads slowly
 
-    return build_engine(settings, observer=state)
+    return build_engine(spec.settings, observer=slot, planned=slot.planned)
 
 
-def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> bool:
-    """Run callback on the event loop thread; False when the loop is already closed."""
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:
-        return False
-    return True
+def _default_admission(settings: Settings, specs: list[ModelSpec]) -> Admission:
+    """--memory-budget-mib: predicted bytes against it. Else with --auto-offload (on any model) and several
+    models: offload/joint.py's one plan for all loaded models; else predicted bytes against RAM (+ GPU)."""
+    if settings.memory_budget_mib is not None:
+        return MemoryBudget(settings.memory_budget_mib * MIB)
+    budget = MemoryBudget(default_budget_bytes())
+    if len(specs) > 1 and any(spec.settings.auto_offload for spec in specs):
+        from bindings.devices import list_devices  # deferred: it imports llama.cpp, which loads slowly
+        from bindings.llama_backend import supports_gpu_offload
+        from offload.hardware import detect
 
-
-def _load_model(state: ServerState, factory: EngineFactory, loop: asyncio.AbstractEventLoop) -> None:
-    """The loader thread: build the engine and pick its chat template, then hand both to the event loop."""
-    try:
-        engine = factory()
-    except RegistryError as exc:  # a download or lookup that failed: its message says it all, no traceback
-        log.error("loading the model failed: %s", exc)
-        _on_loop(loop, state.fail, f"{type(exc).__name__}: {exc}")
-        return
-    except Exception as exc:  # anything else llama.cpp or the planner raised: the server reports it, not dies
-        log.exception("loading the model failed")
-        _on_loop(loop, state.fail, f"{type(exc).__name__}: {exc}")
-        return
-    override = Path(state.settings.chat_template) if state.settings.chat_template else None
-    try:
-        template = select_chat_template(engine.info, engine.vocab, override)
-    except ChatTemplateError as exc:
-        log.error("%s", exc)
-        engine.stop()
-        _on_loop(loop, state.fail, str(exc))
-        return
-    if not _on_loop(loop, state.attach, engine, template):
-        engine.stop()
+        with_gpus = supports_gpu_offload()
+        hardware = detect(
+            cache_path=settings.cache_dir / "hardware.json",
+            with_gpus=with_gpus,
+            backend_devices=list_devices() if with_gpus else None,
+        )
+        return JointAdmission(hardware, budget)
+    return budget
 
 
 @asynccontextmanager
-async def _lifespan(app: FastAPI, *, factory: EngineFactory) -> AsyncIterator[None]:
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app_server_state(app)
-    log.info("loading model %s", state.served_model_id)
-    loader = threading.Thread(
-        target=_load_model, args=(state, factory, asyncio.get_running_loop()), name="model-loader", daemon=True
-    )
-    loader.start()
+    failover = app_failover(app)
+    if failover is not None:  # before any model loads: a lost RPC worker fails requests instead of the process
+        failover.start(asyncio.get_running_loop())
+    state.fleet.start(asyncio.get_running_loop())
     if state.audit is not None:
         state.audit.start()
     stop_reloading_auth = app.state.auth.reload_on_sighup()  # keys and limits reload on SIGHUP
     try:
         yield
     finally:
+        if failover is not None:
+            failover.stop()
         stop_reloading_auth()
-        engine = state.detach()
-        if engine is not None:
-            # stop() joins the engine thread, whose last act fails every unfinished request: not on the loop
-            await asyncio.to_thread(engine.stop)
-        if state.audit is not None:  # after the engine: the requests it failed are recorded too
+        await state.fleet.stop()
+        if state.audit is not None:  # after the engines: the requests they failed are recorded too
             await asyncio.to_thread(state.audit.stop)
 
 
@@ -133,19 +94,31 @@ def create_app(
     *,
     engine_factory: EngineFactory | None = None,
     on_load_failure: Callable[[str], None] | None = None,
+    engine_builder: EngineBuilder | None = None,
+    admission: Admission | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> FastAPI:
-    """The app for these settings. `engine_factory` builds the engine (in a background thread); by default
-    it loads the configured model through llama.cpp. A failed load leaves the app answering 503 (and
-    /health says why, as does `app.state.server.load_error`); `on_load_failure(message)`, called on the event
-    loop, lets the CLI stop the server instead."""
-    state = ServerState(settings, served_model_id(settings), on_load_failure, model_sampling_defaults(settings))
-    factory = engine_factory or partial(_build_engine, settings, state)
+    """The app for these settings: every served model (server/fleet/spec.py) routable by id and alias. Models
+    load in background threads: by default through llama.cpp; `engine_builder(spec, slot)` builds any model's
+    engine instead, and `engine_factory()` the default model's (a one-model server's, as tests give it). A failed
+    preload of the default model leaves the app answering 503 (and /health says why, as does
+    `app.state.server.load_error`); `on_load_failure(message)`, called on the event loop, lets the CLI stop the
+    server instead. `admission` decides what fits in memory; `clock` (tests) times keep_alive."""
+    specs = model_specs(settings)
+    builder = engine_builder or _build_engine
+    if engine_factory is not None:
+        factory = engine_factory
+        builder = _default_from(factory, specs[0].id, builder)
+    state = ServerState(
+        settings, specs, builder, admission or _default_admission(settings, specs), on_load_failure, clock=clock
+    )
     app = FastAPI(
         title="qwen3-local",
         summary="OpenAI-compatible server for GGUF models with continuous batching",
-        lifespan=partial(_lifespan, factory=factory),
+        lifespan=_lifespan,
     )
     app.state.server = state
+    app.state.rpc_failover = RpcFailover.of_state(state)  # a lost RPC worker: 503s, /health, reload (server/rpc)
     app.state.auth = Auth(settings)  # who may call (server/auth): keys, JWT, rate limits
     install_error_handlers(app)
     document_openai_errors(app)
@@ -165,3 +138,12 @@ def create_app(
     app.include_router(ui_api.router)  # /ui/api/*: before the /ui static mount, which would shadow it
     mount_ui(app)  # the web UI's static files at /ui: keep last, after every /ui/api route
     return app
+
+
+def _default_from(factory: EngineFactory, default_id: str, others: EngineBuilder) -> EngineBuilder:
+    """A builder that loads the default model with `factory` and every other model with `others`."""
+
+    def build(spec: ModelSpec, slot: ModelSlot) -> Engine:
+        return factory() if spec.id == default_id else others(spec, slot)
+
+    return build

@@ -11,6 +11,17 @@
     host = "0.0.0.0"
     audit_db = "postgresql://audit@db/qwen3"
 
+A `serve` key lists several models to serve together, each with its id, aliases, keep_alive, preload, priority
+and its own settings (registry.models.ServeEntry; README "Several models"):
+
+    [[serve]]
+    model = "qwen3-next-80b-a3b-instruct"
+    id = "qwen"
+    [[serve]]
+    model = "/models/coder.gguf"
+    aliases = ["coder"]
+    keep_alive = "10m"
+
 Keys are the settings' names (`python -m server --help` lists them; `max-queue` and `max_queue` both work).
 Precedence, lowest first: defaults < the file's top level < its selected profile < environment variables
 (QWEN3_LOCAL_*) < command-line flags, so a deployment's file can be overridden per host or per run.

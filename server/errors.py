@@ -83,6 +83,29 @@ class ServiceUnavailableError(ApiError):
     code = "unavailable"
 
 
+class ModelOverloadedError(ServiceUnavailableError):
+    """A model that does not fit beside the models in use waited its bounded time (server/fleet); the client should
+    retry after `retry_after_s`."""
+
+    code = "model_overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RpcWorkerLostError(ServiceUnavailableError):
+    """An RPC worker the models ran on died (bindings/rpc.py): nothing is served until the server has replaced its
+    process, without the worker or with it back (server/rpc/failover.py); the client should retry after
+    `retry_after_s`."""
+
+    code = "rpc_worker_lost"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class EngineFailureError(ApiError):
     """The backend failed while this request was in its batch (llama_decode error)."""
 

@@ -9,6 +9,7 @@ the `qwen3_local_` prefix."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,24 +124,48 @@ class FinishedRequest:
     decode_seconds: float | None = None
 
 
-class _EngineCollector:
-    """Reads EngineStats when Prometheus scrapes; yields only `model_ready 0` while there is no engine."""
+@dataclass(frozen=True)
+class ModelReading:
+    """One served model at scrape time: its engine's stats (None while not loaded) and its load report."""
 
-    def __init__(self, read_stats: EngineStatsSource, model_name: str) -> None:
-        self._read_stats = read_stats
-        self._model_name = model_name
+    model: str
+    stats: EngineStats | None
+    load_report: Mapping[str, Any] | None = None
+
+
+ModelsSource = Callable[[], Sequence[ModelReading]]
+
+
+def _with_model(labelled: bool, labels: Sequence[str] = ()) -> list[str]:
+    """A family's labels: with several models every per-model series also carries `model`."""
+    return [*labels, "model"] if labelled else list(labels)
+
+
+class _EngineCollector:
+    """Reads every model's EngineStats when Prometheus scrapes; a model without an engine (loading, unloaded)
+    yields only `model_ready 0`. With one model the series carry no `model` label (as they always did); with
+    several, each carries its model's id."""
+
+    def __init__(self, read_models: ModelsSource, labelled: bool) -> None:
+        self._read_models = read_models
+        self._labelled = labelled
 
     def collect(self) -> Iterable[Metric]:
-        stats = self._read_stats()
-        yield GaugeMetricFamily(
-            f"{PREFIX}_model_ready", "1 once the model is loaded and the engine runs.", value=int(bool(stats))
+        readings = list(self._read_models())
+        labelled = self._labelled
+        ready = GaugeMetricFamily(
+            f"{PREFIX}_model_ready", "1 once the model is loaded and the engine runs.", labels=_with_model(labelled)
         )
-        yield from self._vllm_families(stats)
-        if stats is None:
-            return
-        yield from self._own_families(stats)
+        for reading in readings:
+            ready.add_metric([reading.model] if labelled else [], int(bool(reading.stats)))
+        yield ready
+        yield from self._vllm_families(readings)
+        loaded = [reading for reading in readings if reading.stats is not None]
+        if loaded:
+            yield from self._own_families(loaded, labelled)
 
-    def _vllm_families(self, stats: EngineStats | None) -> Iterable[Metric]:
+    @staticmethod
+    def _vllm_families(readings: Sequence[ModelReading]) -> Iterable[Metric]:
         """vLLM's engine-level names; declared (without samples) while loading, so the names always exist."""
         gauges = {
             "num_requests_running": ("Requests holding at least one slot.", lambda s: s.n_requests_running),
@@ -169,61 +194,87 @@ class _EngineCollector:
         for family_type, table in families:
             for name, (documentation, read) in table.items():
                 family = family_type(f"{VLLM}{name}", documentation, labels=["model_name"])
-                if stats is not None:
-                    family.add_metric([self._model_name], read(stats))
+                for reading in readings:
+                    if reading.stats is not None:
+                        family.add_metric([reading.model], read(reading.stats))
                 yield family
 
     @staticmethod
-    def _own_families(stats: EngineStats) -> Iterable[Metric]:
-        gauges = {
-            "slots": ("Slots (sequences decoded together).", stats.n_slots),
-            "slots_busy": ("Slots holding a running request.", stats.n_slots_busy),
-            "prompt_cache_bytes": ("Bytes of sequence state the prompt cache holds in RAM.", stats.prompt_cache_bytes),
-            "prompt_cache_budget_bytes": (
-                "Most bytes the prompt cache may hold (--prompt-cache-mib).",
-                stats.prompt_cache_budget_bytes,
-            ),
-            "prompt_cache_entries": ("Sequence states the prompt cache holds.", stats.prompt_cache_entries),
-            "prompt_cache_stash_seconds_per_mib": (
-                "Seconds a stash into the prompt cache takes per MiB on the engine thread (running estimate).",
-                stats.stash_seconds_per_mib,
-            ),
-            # measured, beside the plan's predicted_decode_tokens_per_second: the plan is checked by use
-            "decode_tokens_per_second": (
-                "Tokens generated per second the engine spent in its steps (since start).",
-                stats.n_generated_tokens / stats.seconds_decoding if stats.seconds_decoding > 0 else 0.0,
-            ),
-        }
-        for name, (documentation, value) in gauges.items():
-            yield GaugeMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
-        counters = {
-            "requests_finished": ("Requests the engine finished.", stats.n_requests_finished),
-            "requests_failed": ("Requests the engine failed (decode error, timeout).", stats.n_requests_failed),
-            "prompt_tokens": ("Prompt tokens computed (prefill).", stats.n_prompt_tokens_computed),
-            "prompt_tokens_cached": ("Prompt tokens reused from a slot's cache.", stats.n_prompt_tokens_cached),
-            "generated_tokens": ("Tokens generated.", stats.n_generated_tokens),
-            "engine_steps": ("Engine steps (one llama_decode each).", stats.n_steps),
-            "decode_errors": ("Failed llama_decode calls.", stats.n_decode_errors),
-            "decode_seconds": ("Seconds spent inside engine steps.", stats.seconds_decoding),
-            "prompt_cache_hits": (
-                "Requests whose prompt prefix was loaded from the prompt cache.",
-                stats.n_prompt_cache_hits,
-            ),
-            "prompt_cache_misses": (
-                "Requests that found no prefix to reuse, in a slot or in the prompt cache.",
-                stats.n_prompt_cache_misses,
-            ),
-            "prompt_cache_evictions": (
-                "Prompt-cache entries dropped, least recently used first, to make room.",
-                stats.n_prompt_cache_evictions,
-            ),
-            "prompt_cache_stashes_skipped": (
-                "Slot states not saved to the prompt cache: larger than it, or too slow to copy while streams run.",
-                stats.n_prompt_cache_stashes_skipped,
-            ),
-        }
-        for name, (documentation, count) in counters.items():
-            yield CounterMetricFamily(f"{PREFIX}_{name}", documentation, value=count)
+    def _own_families(readings: Sequence[ModelReading], labelled: bool) -> Iterable[Metric]:
+        def gauges(stats: EngineStats) -> dict[str, tuple[str, float]]:
+            return {
+                "slots": ("Slots (sequences decoded together).", stats.n_slots),
+                "slots_busy": ("Slots holding a running request.", stats.n_slots_busy),
+                "prompt_cache_bytes": (
+                    "Bytes of sequence state the prompt cache holds in RAM.",
+                    stats.prompt_cache_bytes,
+                ),
+                "prompt_cache_budget_bytes": (
+                    "Most bytes the prompt cache may hold (--prompt-cache-mib).",
+                    stats.prompt_cache_budget_bytes,
+                ),
+                "prompt_cache_entries": ("Sequence states the prompt cache holds.", stats.prompt_cache_entries),
+                "prompt_cache_stash_seconds_per_mib": (
+                    "Seconds a stash into the prompt cache takes per MiB on the engine thread (running estimate).",
+                    stats.stash_seconds_per_mib,
+                ),
+                # measured, beside the plan's predicted_decode_tokens_per_second: the plan is checked by use
+                "decode_tokens_per_second": (
+                    "Tokens generated per second the engine spent in its steps (since start).",
+                    stats.n_generated_tokens / stats.seconds_decoding if stats.seconds_decoding > 0 else 0.0,
+                ),
+                "spec_acceptance_rate": (
+                    "Speculative decoding: accepted / drafted tokens since start (0 before any draft).",
+                    stats.n_draft_accepted / stats.n_draft_tokens if stats.n_draft_tokens else 0.0,
+                ),
+            }
+
+        def counters(stats: EngineStats) -> dict[str, tuple[str, float]]:
+            return {
+                "requests_finished": ("Requests the engine finished.", stats.n_requests_finished),
+                "requests_failed": ("Requests the engine failed (decode error, timeout).", stats.n_requests_failed),
+                "prompt_tokens": ("Prompt tokens computed (prefill).", stats.n_prompt_tokens_computed),
+                "prompt_tokens_cached": ("Prompt tokens reused from a slot's cache.", stats.n_prompt_tokens_cached),
+                "generated_tokens": ("Tokens generated.", stats.n_generated_tokens),
+                "engine_steps": ("Engine steps (one llama_decode each).", stats.n_steps),
+                "decode_errors": ("Failed llama_decode calls.", stats.n_decode_errors),
+                "decode_seconds": ("Seconds spent inside engine steps.", stats.seconds_decoding),
+                "prompt_cache_hits": (
+                    "Requests whose prompt prefix was loaded from the prompt cache.",
+                    stats.n_prompt_cache_hits,
+                ),
+                "prompt_cache_misses": (
+                    "Requests that found no prefix to reuse, in a slot or in the prompt cache.",
+                    stats.n_prompt_cache_misses,
+                ),
+                "prompt_cache_evictions": (
+                    "Prompt-cache entries dropped, least recently used first, to make room.",
+                    stats.n_prompt_cache_evictions,
+                ),
+                "prompt_cache_stashes_skipped": (
+                    "Slot states not saved to the prompt cache: larger than it, or too slow to copy while streams run.",
+                    stats.n_prompt_cache_stashes_skipped,
+                ),
+                "spec_draft_tokens": ("Speculative decoding: tokens drafted and verified.", stats.n_draft_tokens),
+                "spec_accepted_tokens": (
+                    "Speculative decoding: drafted tokens accepted (each saved a decode step).",
+                    stats.n_draft_accepted,
+                ),
+            }
+
+        tables: list[tuple[Callable[..., Any], Callable[[EngineStats], dict[str, tuple[str, float]]]]] = [
+            (GaugeMetricFamily, gauges),
+            (CounterMetricFamily, counters),
+        ]
+        for family_type, table in tables:
+            families: dict[str, Any] = {}
+            for reading in readings:
+                assert reading.stats is not None
+                for name, (documentation, value) in table(reading.stats).items():
+                    if name not in families:
+                        families[name] = family_type(f"{PREFIX}_{name}", documentation, labels=_with_model(labelled))
+                    families[name].add_metric([reading.model] if labelled else [], value)
+            yield from families.values()
 
 
 @dataclass(frozen=True)
@@ -338,43 +389,48 @@ class _HardwareCollector:
 
 
 class _PlanCollector:
-    """The --auto-offload plan's placement (GET /plan's `plan`) as gauges; declared without samples when the
-    model was loaded without a plan."""
+    """The --auto-offload plan's placement (GET /plan's `plan`) as gauges, per model when several are served;
+    declared without samples when the model was loaded without a plan."""
 
-    def __init__(self, read_report: LoadReportSource, model_name: str) -> None:
-        self._read_report = read_report
-        self._model_name = model_name
+    def __init__(self, read_models: ModelsSource, labelled: bool) -> None:
+        self._read_models = read_models
+        self._labelled = labelled
 
     def collect(self) -> Iterable[Metric]:
-        plan = (self._read_report() or {}).get("plan") or {}
+        labelled = self._labelled
         layers = GaugeMetricFamily(
             f"{PREFIX}_plan_layers",
             "Repeating layers whose non-expert weights the plan puts on a device.",
-            labels=["device"],
+            labels=_with_model(labelled, ["device"]),
         )
         expert_layers = GaugeMetricFamily(
-            f"{PREFIX}_plan_expert_layers", "Layers whose routed experts the plan puts on a device.", labels=["device"]
+            f"{PREFIX}_plan_expert_layers",
+            "Layers whose routed experts the plan puts on a device.",
+            labels=_with_model(labelled, ["device"]),
         )
         device_bytes = GaugeMetricFamily(
             f"{PREFIX}_plan_device_bytes",
             "Bytes the plan places on a device, by use (weights, kv, recurrent, compute, overhead, total, budget).",
-            labels=["device", "use"],
+            labels=_with_model(labelled, ["device", "use"]),
         )
         predicted = GaugeMetricFamily(
             f"{PREFIX}_plan_predicted_decode_tokens_per_second",
             "Decode tokens/s the plan predicts with every slot generating.",
             labels=["model_name"],
         )
-        for device in plan.get("devices", []):
-            name = device["name"]
-            layers.add_metric([name], sum(1 for layer in plan.get("layers", []) if layer["device"] == name))
-            expert_layers.add_metric(
-                [name], sum(1 for layer in plan.get("layers", []) if layer["experts_device"] == name)
-            )
-            for use in ("weights", "kv", "recurrent", "compute", "overhead", "total", "budget"):
-                device_bytes.add_metric([name, use], device[f"{use}_bytes"])
-        if "predicted" in plan:
-            predicted.add_metric([self._model_name], plan["predicted"]["decode_tokens_per_s"])
+        for reading in self._read_models():
+            plan = (reading.load_report or {}).get("plan") or {}
+            model = [reading.model] if labelled else []
+            for device in plan.get("devices", []):
+                name = device["name"]
+                layers.add_metric([name, *model], sum(1 for layer in plan.get("layers", []) if layer["device"] == name))
+                expert_layers.add_metric(
+                    [name, *model], sum(1 for layer in plan.get("layers", []) if layer["experts_device"] == name)
+                )
+                for use in ("weights", "kv", "recurrent", "compute", "overhead", "total", "budget"):
+                    device_bytes.add_metric([name, use, *model], device[f"{use}_bytes"])
+            if "predicted" in plan:
+                predicted.add_metric([reading.model], plan["predicted"]["decode_tokens_per_s"])
         yield from (layers, expert_layers, device_bytes, predicted)
 
 
@@ -412,7 +468,11 @@ class Metrics:
         read_load_report: LoadReportSource = lambda: None,
         read_gpus: GpuSource | None = None,
         read_audit_spool: AuditSpoolSource = lambda: None,
+        read_models: ModelsSource | None = None,
     ) -> None:
+        """One model: `read_engine_stats` and `read_load_report` are its; several: `read_models` reads them all
+        (and every per-model series gets a `model` label). `model_name` labels the per-request metrics; each
+        model's routes book through `for_model(id)`."""
         self.model_name = model_name
         self.registry = CollectorRegistry()
         self.http_requests = Counter(
@@ -434,9 +494,11 @@ class Metrics:
             registry=self.registry,
         )
         self._add_vllm_request_metrics()
-        self.registry.register(_EngineCollector(read_engine_stats, model_name))
+        labelled = read_models is not None
+        models = read_models or (lambda: [ModelReading(model_name, read_engine_stats(), read_load_report())])
+        self.registry.register(_EngineCollector(models, labelled))
         self.registry.register(_HardwareCollector(read_gpus or Nvml().gpus))
-        self.registry.register(_PlanCollector(read_load_report, model_name))
+        self.registry.register(_PlanCollector(models, labelled))
         self.registry.register(_AuditSpoolCollector(read_audit_spool))
 
     def _add_vllm_request_metrics(self) -> None:
@@ -486,6 +548,14 @@ class Metrics:
         for histogram, seconds in phases:
             if seconds is not None:
                 histogram.labels(model).observe(seconds)
+
+    def for_model(self, model_name: str) -> Metrics:
+        """These metrics (the same registry and series) booking per-request observations under `model_name`."""
+        if model_name == self.model_name:
+            return self
+        view = copy.copy(self)
+        view.model_name = model_name
+        return view
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from registry.models import DEFAULT_REGISTRY_PATH
+from registry.models import DEFAULT_REGISTRY_PATH, ServeEntry
 from server.config_file import DEFAULT_PROFILE, ConfigFileError, customise_sources
 
 ENV_PREFIX = "QWEN3_LOCAL_"
@@ -51,9 +52,40 @@ class Settings(BaseSettings):
     )
 
     # --- model -------------------------------------------------------------------------------------
-    model: str | None = Field(
+    model: Annotated[list[str] | None, NoDecode] = Field(
         default=None,
-        description="A models.yaml name or a path to a .gguf file (default: models.yaml's default).",
+        description="A models.yaml name or a path to a .gguf file (default: models.yaml's default); repeat the "
+        "flag to serve several models (see README 'Several models'). The environment variable takes one name, "
+        "or a JSON list.",
+    )
+    serve: list[ServeEntry] = Field(
+        default_factory=list,
+        description="Models to serve together, each with its id, aliases and own settings (a --config file's or "
+        "models.yaml's `serve:` list; as a flag or environment variable, a JSON list). Used when no --model is given.",
+    )
+    preload: Annotated[list[str] | None, NoDecode] = Field(
+        default=None,
+        description="Model ids to load at start, repeatable ('all': every one); the others load on their first "
+        "request. Default: the first model only.",
+    )
+    keep_alive: str | None = Field(
+        default=None,
+        description="How long an idle model stays loaded (Ollama's keep_alive: '5m', seconds, 0, -1 = forever); a "
+        "request's `keep_alive` overrides it. Default: forever for preloaded models, 5m for the others.",
+    )
+    memory_budget_mib: int | None = Field(
+        default=None,
+        ge=1,
+        description="Memory (MiB) all loaded models may take together (weights + KV cache); a model that does not "
+        "fit evicts the least recently used idle one. Default: RAM less the planner's margin, plus GPU memory.",
+    )
+    load_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long a request for a model that does not fit waits for memory to free before a 503.",
+    )
+    load_queue: int = Field(
+        default=16, ge=0, description="Requests that may wait for memory to load their model; more get 503."
     )
     models_file: Path = Field(default=DEFAULT_REGISTRY_PATH, description="The model registry to read.")
     served_model_name: str | None = Field(
@@ -153,6 +185,25 @@ class Settings(BaseSettings):
     prefix_reuse: bool = Field(
         default=True, description="Reuse a slot's cached prompt prefix (KV or saved state) for a new request."
     )
+    # --- speculative decoding (README "Speculative decoding") --------------------------------------------
+    spec_type: Literal["none", "ngram", "draft", "mtp"] = Field(
+        default="none",
+        description="Speculative decoding: draft tokens and verify them in the step's one decode. ngram: from the "
+        "sequence's own prompt and output (any model); draft: a small model of the same vocabulary (--draft-model); "
+        "mtp: Qwen3-Next's multi-token-prediction head (bindings/mtp.py). Drafts only while the step is small and "
+        "a slot's drafts are accepted; a request may opt out with `speculative: false`. none: off.",
+    )
+    draft_max: int = Field(default=8, ge=1, le=64, description="Most tokens drafted per slot and step.")
+    draft_min: int = Field(default=2, ge=1, description="Fewer drafted tokens than this are not verified.")
+    draft_model: Path | None = Field(
+        default=None, description="The GGUF of the draft model for --spec-type draft (its vocabulary: the model's)."
+    )
+    spec_max_step_tokens: int = Field(
+        default=16,
+        ge=2,
+        description="Draft only while a step stays within this many tokens: verifying drafts is nearly free while "
+        "a CPU step is a few tokens, and costs like decoding them once the batch is large (many streams).",
+    )
     embeddings: bool = Field(
         default=False,
         description="Serve POST /v1/embeddings (also on when the model's models.yaml entry says `embedding: true`): "
@@ -212,14 +263,82 @@ class Settings(BaseSettings):
         description="Plan GPU/CPU placement of layers and MoE experts, context and KV type from the GGUF and "
         "this machine (see `python -m offload plan`).",
     )
+    # --- other machines (llama.cpp RPC workers: `python -m server rpc-worker`; README "Several machines (RPC)")
+    rpc: str | None = Field(
+        default=None,
+        description="RPC workers to place layers on, comma-separated host:port (like llama-server's --rpc). They "
+        "take the last --n-gpu-layers layers, split by their free memory; with --auto-offload the planner splits "
+        "whole layers over this machine and every worker. A worker that does not answer at start stops the server.",
+    )
+    rpc_link: str = Field(
+        default="1Gbit",
+        description="The network link to the RPC workers (e.g. 10Gbit, 1.25GB/s), for the planner's traffic "
+        "model; the latency is measured at start.",
+    )
+
     cache_dir: Path = Field(
         default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen3-local",
         description="Where probe verdicts and hardware profiles are cached ($XDG_CACHE_HOME/qwen3-local).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
 
+    @field_validator("model", "preload", mode="before")
+    @classmethod
+    def _one_or_more_names(cls, value: Any) -> Any:
+        """A single name (a flag, an environment variable, Settings(model="x")) is a list of one; an environment
+        variable may also hold a JSON list."""
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [value]
+        return value
+
+    @field_validator("rpc")
+    @classmethod
+    def _rpc_endpoints(cls, value: str | None) -> str | None:
+        if value is None:  # the default (pydantic-settings validates defaults too): no workers
+            return value
+        for entry in (value or "").split(","):
+            host, sep, port = entry.strip().partition(":")
+            if not (host and sep and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"{entry.strip()!r} is not host:port (an IPv4 address or host name, and a port)")
+        return value
+
+    @field_validator("rpc_link")
+    @classmethod
+    def _rpc_link_speed(cls, value: str) -> str:
+        from offload.hardware import HardwareError  # deferred: the planner's parsers, only for this check
+        from offload.rpc import parse_link
+
+        try:
+            parse_link(value)
+        except HardwareError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+    def rpc_endpoints(self) -> tuple[str, ...]:
+        """The --rpc workers, in order ('' when none)."""
+        return tuple(entry.strip() for entry in self.rpc.split(",")) if self.rpc else ()
+
+    def primary_model(self) -> str | None:
+        """The first --model (the default model), or None for models.yaml's default."""
+        return self.model[0] if self.model else None
+
     def effective_keys_file(self) -> Path:
         return self.keys_file if self.keys_file is not None else self.data_dir / "keys.json"
+
+    @field_validator("draft_min")
+    @classmethod
+    def _draft_bounds(cls, value: int, info: ValidationInfo) -> int:
+        if value > info.data.get("draft_max", value):
+            raise ValueError(f"must not exceed --draft-max ({info.data['draft_max']})")
+        return value
+
+    @field_validator("draft_model")
+    @classmethod
+    def _draft_model_for_draft(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if info.data.get("spec_type") == "draft" and value is None:
+            raise ValueError("--spec-type draft needs the draft model's GGUF (--draft-model PATH)")
+        return value
 
     @field_validator("audit_db")
     @classmethod
@@ -251,8 +370,14 @@ def _argument_options(annotation: Any) -> dict[str, Any]:
     """argparse keyword arguments for a field's type: bools become --x/--no-x, Literals become choices."""
     args = [a for a in get_args(annotation) if a is not type(None)]
     base = args[0] if get_origin(annotation) is not None and args else annotation
+    if get_origin(annotation) is list:
+        base = annotation
     if base is bool:
         return {"action": argparse.BooleanOptionalAction}
+    if get_origin(base) is list:  # --model A --model B; a list of entries (--serve) is one JSON list
+        if get_args(base) == (str,):
+            return {"action": "append", "type": str, "metavar": "NAME"}
+        return {"type": json.loads, "metavar": "JSON"}
     if get_origin(base) is Literal:
         return {"choices": list(get_args(base))}
     return {"type": str, "metavar": base.__name__.upper() if hasattr(base, "__name__") else "VALUE"}

@@ -16,6 +16,12 @@ def tiny_qwen3next_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3next_mtp_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny qwen3next (f32) with a multi-token-prediction head that guesses well (convert/synth.py, --mtp)."""
+    return write_synthetic_model("qwen3next", tmp_path_factory.mktemp("models") / "tiny-qwen3next-mtp.gguf", mtp=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3moe_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight qwen3moe GGUF (f32): 2 attention + MoE layers."""
     return write_synthetic_model("qwen3moe", tmp_path_factory.mktemp("models") / "tiny-qwen3moe.gguf")

@@ -117,6 +117,12 @@ def test_llama_cpp_is_built_with_cuda_for_every_consumer_and_datacentre_generati
     assert {"-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"} <= set(args)
 
 
+def test_llama_cpp_is_built_with_the_rpc_backend() -> None:
+    """The image serves as an RPC worker too (`python -m server rpc-worker`), and its server can use workers."""
+    assert "-DGGML_RPC=ON" in cmake_args()
+    assert any(i.keyword == "RUN" and "--no-cache-dir" in i.arguments for i in parsed() if "CMAKE_ARGS=" in i.arguments)
+
+
 def test_the_image_runs_as_a_non_root_user_with_caches_on_a_volume() -> None:
     final = [i for i in parsed() if i.stage == max(i.stage for i in parsed())]
     [user] = [i.arguments for i in final if i.keyword == "USER"]

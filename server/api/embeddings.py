@@ -25,8 +25,10 @@ from server.api.schemas import EmbeddingRequest
 from server.api.sse import until_disconnected
 from server.api.state import server_state
 from server.audit.capture import request_audit
+from server.audit.record import AuditRecord
 from server.engine.engine import Engine
 from server.errors import InvalidRequestError, RequestTimeoutError
+from server.fleet.slot import ModelSlot
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
@@ -42,8 +44,17 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
     audit = request_audit(request)
     if audit is not None:
         audit.model, audit.user = body.model or state.served_model_id, body.user
-    state.check_model(body.model)
-    engine, _ = state.ready()
+    lease = await state.acquire(body.model, body.keep_alive)  # loads the model on demand; held while embedding
+    try:
+        return await _embeddings(body, request, lease.slot, audit)
+    finally:
+        lease.release()
+
+
+async def _embeddings(
+    body: EmbeddingRequest, request: Request, slot: ModelSlot, audit: AuditRecord | None
+) -> dict[str, Any]:
+    engine, _ = slot.ready()
     info = engine.embedder_info
     if info is None:
         raise InvalidRequestError(EMBEDDINGS_OFF, param="model", code="embeddings_disabled")
@@ -59,7 +70,9 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
         audit.keep_prompt(json.dumps(body.inputs(), ensure_ascii=False))
         audit.prompt_tokens = sum(len(tokens) for tokens in token_lists)
     future = engine.embed(token_lists)
-    vectors = await until_disconnected(request, _within(asyncio.wrap_future(future), state.settings.request_timeout_s))
+    vectors = await until_disconnected(
+        request, _within(asyncio.wrap_future(future), slot.spec.settings.request_timeout_s)
+    )
     data = [
         {"object": "embedding", "index": index, "embedding": _encoded(_normalized(vector), body.encoding_format)}
         for index, vector in enumerate(vectors)
@@ -68,7 +81,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> dict[st
     return {
         "object": "list",
         "data": data,
-        "model": state.served_model_id,
+        "model": slot.id,
         "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
     }
 

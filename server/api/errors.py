@@ -18,7 +18,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ApiError, EngineFailureError, QueueFullError, RateLimitExceededError
+from server.errors import (
+    ApiError,
+    EngineFailureError,
+    ModelOverloadedError,
+    QueueFullError,
+    RateLimitExceededError,
+    RpcWorkerLostError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +53,7 @@ def api_error_body(exc: ApiError) -> dict[str, Any]:
 
 
 def api_error_response(exc: ApiError) -> JSONResponse:
-    retry = isinstance(exc, (QueueFullError, RateLimitExceededError))
+    retry = isinstance(exc, (QueueFullError, RateLimitExceededError, ModelOverloadedError, RpcWorkerLostError))
     headers = {"Retry-After": str(getattr(exc, "retry_after_s", 1))} if retry else None
     return JSONResponse(api_error_body(exc), status_code=exc.status_code, headers=headers)
 

@@ -56,6 +56,7 @@ def sampling_params(
         logit_bias=MappingProxyType(_token_biases(body.logit_bias, info.n_vocab)),
         stop=body.stop_strings(),
         ignore_eos=body.ignore_eos,
+        speculative=body.speculative,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         grammar=grammar,

@@ -8,11 +8,12 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.background import BackgroundTask
 
 from bindings.protocol import SamplingParams
 from server.api.auth import require_api_key
@@ -50,6 +51,8 @@ from server.chat_template import ChatTemplate
 from server.engine.engine import Engine
 from server.engine.request import TokenEvent
 from server.errors import ApiError, ContextLengthExceededError, InvalidRequestError
+from server.fleet.fleet import Lease
+from server.fleet.slot import ModelSlot
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -70,27 +73,30 @@ class _Chunks(Protocol):
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]: ...
 
 
-def _model_card(state: ServerState) -> dict[str, Any]:
+def _model_card(slot: ModelSlot) -> dict[str, Any]:
     return {
-        "id": state.served_model_id,
+        "id": slot.id,
         "object": "model",
-        "created": state.created,
+        "created": slot.created,
         "owned_by": "qwen3-local",
-        # An extension: what a request that leaves a parameter out gets (models.yaml's `sampling`)
-        "sampling_defaults": dict(state.sampling_defaults),
+        # Extensions: what a request that leaves a parameter out gets (models.yaml's `sampling`), and the
+        # model's place in the fleet (server/fleet): loaded, loading or unloaded, a slot's context, other names
+        "sampling_defaults": dict(slot.spec.sampling_defaults),
+        "state": slot.public_state,
+        "context_length": slot.context_length(),
+        "aliases": list(slot.spec.aliases),
     }
 
 
 @router.get("/v1/models", response_model=None)
 async def list_models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_card(server_state(request))]}
+    slots = server_state(request).fleet.slots.values()
+    return {"object": "list", "data": [_model_card(slot) for slot in slots]}
 
 
 @router.get("/v1/models/{model_id:path}", response_model=None)
 async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
-    state = server_state(request)
-    state.check_model(model_id)
-    return _model_card(state)
+    return _model_card(server_state(request).model(model_id))
 
 
 async def _off_loop_if_long(n_chars: int, work: Callable[[], list[int]]) -> list[int]:
@@ -219,9 +225,15 @@ async def _respond(
     include_usage: bool,
     build_body: BodyBuilder,
     metrics: Metrics,
+    lease: Lease,
 ) -> Response:
+    """The answer; the lease on the model ends with it (a stream's, when its last event is sent or the client
+    leaves)."""
     if not stream:
-        body = await until_disconnected(request, _collected_body(generation, build_body))
+        try:
+            body = await until_disconnected(request, _collected_body(generation, build_body))
+        finally:
+            lease.release()
         return JSONResponse(body)
     events = generation.events()
     try:
@@ -234,8 +246,21 @@ async def _respond(
     except BaseException:
         generation.cancel()
         await events.aclose()
+        lease.release()
         raise
-    return event_source_response(_streamed_body(first, events, generation, chunks, include_usage, metrics))
+    response = event_source_response(
+        _released_after(_streamed_body(first, events, generation, chunks, include_usage, metrics), lease)
+    )
+    response.background = BackgroundTask(lease.release)  # also when the body never started (released once)
+    return response
+
+
+async def _released_after(body: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        lease.release()
 
 
 async def _collected_body(generation: Generation, build_body: BodyBuilder) -> dict[str, Any]:
@@ -251,40 +276,74 @@ def _audit_start(request: Request, state: ServerState, model: str | None, user: 
     return audit
 
 
+async def _leased(state: ServerState, model: str | None, keep_alive: str | int | float | None) -> Lease:
+    """The request's model, loaded (on demand: the request waits), held until its answer ends."""
+    return await state.acquire(model, keep_alive)
+
+
 def _audit_submitted(audit: AuditRecord | None, prompt: str, params: SamplingParams, n: int) -> None:
     if audit is not None:
         audit.keep_prompt(prompt)
         audit.params = audit_params(params, n)
 
 
-@router.post("/v1/chat/completions", response_model=None)
-async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+GenerationBody = TypeVar("GenerationBody", ChatCompletionRequest, CompletionRequest)
+LeasedHandler = Callable[
+    [GenerationBody, Request, ServerState, Lease, "AuditRecord | None", float], Awaitable[Response]
+]
+
+
+async def _answer_leased(body: GenerationBody, request: Request, handler: LeasedHandler[GenerationBody]) -> Response:
+    """Hold the request's model (loading it on demand) while `handler` answers; the handler's response releases
+    the lease when its answer ends, and a handler that fails releases it here."""
     received_at = time.perf_counter()
     state = server_state(request)
     audit = _audit_start(request, state, body.model, body.user)
-    state.check_model(body.model)
-    engine, template = state.ready()
+    lease = await _leased(state, body.model, body.keep_alive)
+    try:
+        return await handler(body, request, state, lease, audit, received_at)
+    except BaseException:
+        lease.release()
+        raise
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    return await _answer_leased(body, request, _chat_completion)
+
+
+async def _chat_completion(
+    body: ChatCompletionRequest,
+    request: Request,
+    state: ServerState,
+    lease: Lease,
+    audit: AuditRecord | None,
+    received_at: float,
+) -> Response:
+    slot = lease.slot
+    settings, metrics = slot.spec.settings, state.metrics.for_model(slot.id)
+    engine, template = slot.ready()
     plan = tool_plan(body)
     prompt_text, prompt = await _rendered_chat_prompt(
         template, body.messages, engine, plan=plan, variables=template_variables(body)
     )
-    output = chat_output_plan(body, plan, template, prompt_text, state.settings.reasoning_format)
+    output = chat_output_plan(body, plan, template, prompt_text, settings.reasoning_format)
     params = sampling_params(
         body,
         engine.info,
         max_tokens=body.output_limit,
         logprobs=bool(body.logprobs),
         top_logprobs=body.top_logprobs or 0,
-        default_top_k=state.settings.default_top_k,
-        model_defaults=state.sampling_defaults,
+        default_top_k=settings.default_top_k,
+        model_defaults=slot.spec.sampling_defaults,
         grammar=output.grammar.grammar or response_grammar(body.response_format),
     )
     params = dataclasses.replace(params, grammar_triggers=output.grammar.triggers)
     _audit_submitted(audit, prompt_text, params, body.n)
     response_id, requests = engine_requests([prompt], params, body.n, "chatcmpl")
-    generation = Generation.submit(engine, requests, state.metrics, received_at, "chat")
+    generation = Generation.submit(engine, requests, metrics, received_at, "chat")
     generation.audit = audit
-    header = ResponseHeader(response_id, int(time.time()), state.served_model_id)
+    header = ResponseHeader(response_id, int(time.time()), slot.id)
     return await _respond(
         request,
         generation,
@@ -294,43 +353,53 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         ),
         include_usage=body.include_usage,
         build_body=lambda gen, choices: chat_completion(header, choices, gen.usage(), params.logprobs, output.format),
-        metrics=state.metrics,
+        metrics=metrics,
+        lease=lease,
     )
 
 
-def _completion_params(body: CompletionRequest, engine: Engine, state: ServerState) -> SamplingParams:
+def _completion_params(body: CompletionRequest, engine: Engine, slot: ModelSlot) -> SamplingParams:
     return sampling_params(
         body,
         engine.info,
         max_tokens=body.max_tokens,
         logprobs=body.logprobs is not None,
         top_logprobs=body.logprobs or 0,
-        default_top_k=state.settings.default_top_k,
-        model_defaults=state.sampling_defaults,
+        default_top_k=slot.spec.settings.default_top_k,
+        model_defaults=slot.spec.sampling_defaults,
         grammar=response_grammar(body.response_format),
     )
 
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    received_at = time.perf_counter()
-    state = server_state(request)
-    audit = _audit_start(request, state, body.model, body.user)
-    state.check_model(body.model)
-    engine, _ = state.ready()
+    return await _answer_leased(body, request, _text_completion)
+
+
+async def _text_completion(
+    body: CompletionRequest,
+    request: Request,
+    state: ServerState,
+    lease: Lease,
+    audit: AuditRecord | None,
+    received_at: float,
+) -> Response:
+    slot = lease.slot
+    metrics = state.metrics.for_model(slot.id)
+    engine, _ = slot.ready()
     if body.max_tokens == 0 and not body.echo:
         raise InvalidRequestError(
             "max_tokens 0 generates nothing; it is only useful with echo: true (the prompt, and its logprobs "
             "with logprobs set)",
             param="max_tokens",
         )
-    params = _completion_params(body, engine, state)
+    params = _completion_params(body, engine, slot)
     prompts = body.prompts()
     _audit_submitted(audit, _prompts_text(prompts), params, body.n)
     prompt_tokens = [await _completion_prompt(prompt, engine) for prompt in prompts]
     response_id, requests = engine_requests(prompt_tokens, params, body.n, "cmpl", prompt_logprobs=body.prompt_logprobs)
     try:
-        generation = Generation.submit(engine, requests, state.metrics, received_at, "completions")
+        generation = Generation.submit(engine, requests, metrics, received_at, "completions")
         generation.audit = audit
     except ContextLengthExceededError as exc:
         exc.param = "prompt" if exc.param == "messages" else exc.param
@@ -340,7 +409,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     first_pieces = None
     if body.prompt_logprobs is not None:
         first_pieces = [engine.vocab.piece(tokens[0]) for tokens in prompt_tokens for _ in range(body.n)]
-    header = ResponseHeader(response_id, int(time.time()), state.served_model_id)
+    header = ResponseHeader(response_id, int(time.time()), slot.id)
     return await _respond(
         request,
         generation,
@@ -356,7 +425,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         build_body=lambda gen, choices: text_completion(
             header, choices, gen.usage(), params.logprobs, echo_texts, first_pieces
         ),
-        metrics=state.metrics,
+        metrics=metrics,
+        lease=lease,
     )
 
 
@@ -376,12 +446,19 @@ def _piece_json(piece: bytes) -> str | list[int]:
         return list(piece)
 
 
+async def _loaded(state: ServerState, model: str | None) -> tuple[Engine, ChatTemplate]:
+    """The model's engine and template, loaded on demand (tokenizing needs no hold on it)."""
+    lease = await state.acquire(model)
+    lease.release()
+    return lease.slot.ready()
+
+
 @router.post("/tokenize", response_model=None)
-async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+async def tokenize(body: TokenizeRequest, request: Request, model: str | None = None) -> dict[str, Any]:
     """llama-server's /tokenize; with `messages`, the tokens of the prompt /v1/chat/completions would build
-    from them, with the per-slot context they must fit, so a UI can show how full the context is."""
-    state = server_state(request)
-    engine, template = state.ready()
+    from them, with the per-slot context they must fit, so a UI can show how full the context is. `?model=`
+    picks a served model (default: the default model)."""
+    engine, template = await _loaded(server_state(request), model)
     if body.messages is not None:
         tokens = await _chat_prompt(template, body.messages, engine, add_generation_prompt=body.add_generation_prompt)
     else:
@@ -401,8 +478,8 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
 
 
 @router.post("/detokenize", response_model=None)
-async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
-    engine, _ = server_state(request).ready()
+async def detokenize(body: DetokenizeRequest, request: Request, model: str | None = None) -> dict[str, Any]:
+    engine, _ = await _loaded(server_state(request), model)
     n_vocab = engine.info.n_vocab
     outside = [token for token in body.tokens if not 0 <= token < n_vocab]
     if outside:

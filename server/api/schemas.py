@@ -62,6 +62,10 @@ class SamplingFields(_StrictModel):
     """What both generation routes accept beyond the prompt (OpenAI fields, then llama.cpp extras)."""
 
     model: str | None = Field(default=None, description="The served model id (optional: there is one).")
+    keep_alive: str | int | float | None = Field(
+        default=None,
+        description="Ollama's: how long the model stays loaded after this request ('5m', seconds, 0, -1 = forever).",
+    )
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=128)
@@ -77,6 +81,8 @@ class SamplingFields(_StrictModel):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repeat_penalty: float | None = Field(default=None, gt=0.0)
     ignore_eos: bool = False
+    # Speculative decoding (when the server runs it) may draft for this request; false opts out
+    speculative: bool = True
     # Both routes: decoding constrained to JSON (a grammar); see server/api/generation.py response_grammar
     response_format: dict[str, Any] | None = None
 
@@ -284,6 +290,10 @@ class EmbeddingRequest(_StrictModel):
 
     input: str | list[int] | list[str | list[int]]
     model: str | None = Field(default=None, description="The served model id (optional: there is one).")
+    keep_alive: str | int | float | None = Field(
+        default=None,
+        description="Ollama's: how long the model stays loaded after this request ('5m', seconds, 0, -1 = forever).",
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None

@@ -1,13 +1,15 @@
-"""Everything one app holds at run time, hung off `app.state.server` (no module-level mutable state)."""
+"""Everything one app holds at run time, hung off `app.state.server` (no module-level mutable state).
+
+The served models live in a Fleet (server/fleet): one slot per model, each with its own engine once loaded. The
+single-model attributes (`status`, `engine`, `chat_template`, `served_model_id`, `ready()`, ...) are the default
+model's, so a server of one model reads exactly as it always did."""
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 from fastapi import FastAPI
 from starlette.requests import HTTPConnection
@@ -15,132 +17,119 @@ from starlette.requests import HTTPConnection
 from server.audit.writer import AuditWriter, writer_for
 from server.chat_template import ChatTemplate
 from server.engine.engine import Engine, EngineStats
-from server.errors import ModelNotFoundError, ServiceUnavailableError
-from server.metrics import Metrics
+from server.fleet.admission import Admission
+from server.fleet.fleet import NO_KEEP_ALIVE, EngineBuilder, Fleet, Lease
+from server.fleet.slot import ModelSlot, SlotStatus
+from server.fleet.spec import ModelSpec
+from server.metrics import Metrics, ModelReading
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-LoadStatus = Literal["loading", "ready", "failed", "stopped"]
-
 
 class ServerState:
-    """The model's lifecycle (loading → ready, or failed) and what the routes need from it.
-
-    Mutated only on the event loop thread: the loader thread hands its result over with
-    call_soon_threadsafe. The one exception is a download's progress, which the loader thread reports
-    many times a second while the status stays "loading": it sits behind a lock of its own.
-    """
+    """The served models (a Fleet), the audit writer and the metrics of one app. Mutated only on the event loop
+    thread (see server/fleet/slot.py for the one exception, a download's progress)."""
 
     def __init__(
         self,
         settings: Settings,
-        served_model_id: str,
+        specs: Sequence[ModelSpec],
+        builder: EngineBuilder,
+        admission: Admission,
         on_load_failure: Callable[[str], None] | None = None,
-        sampling_defaults: Mapping[str, float] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.settings = settings
-        # The model's models.yaml sampling: read once, before loading; never changes while serving.
-        self.sampling_defaults: Mapping[str, float] = MappingProxyType(dict(sampling_defaults or {}))
-        self._on_load_failure = on_load_failure
-        self.served_model_id = served_model_id
-        self.created = int(time.time())
-        self.status: LoadStatus = "loading"
-        self.load_error: str | None = None
-        self.engine: Engine | None = None
-        self.chat_template: ChatTemplate | None = None
+        extra = {"clock": clock} if clock is not None else {}
+        self.fleet = Fleet(specs, builder, admission, on_startup_failure=on_load_failure, **extra)
         self.audit: AuditWriter | None = writer_for(settings)  # None: auditing is off
-        self.metrics = Metrics(self.engine_stats, served_model_id, self.load_report, read_audit_spool=self._audit_spool)
-        self._download_lock = threading.Lock()
-        self._download: tuple[int, int] | None = None
+        many = len(specs) > 1
+        self.metrics = Metrics(
+            self.engine_stats,
+            self.served_model_id,
+            self.load_report,
+            read_audit_spool=self._audit_spool,
+            read_models=self.model_readings if many else None,
+        )
+
+    # --- the default model, as a one-model server always read ---------------------------------------
+    @property
+    def default(self) -> ModelSlot:
+        return self.fleet.default
+
+    @property
+    def served_model_id(self) -> str:
+        return self.fleet.default.id
+
+    @property
+    def sampling_defaults(self) -> Mapping[str, float]:
+        return MappingProxyType(dict(self.fleet.default.spec.sampling_defaults))
+
+    @property
+    def created(self) -> int:
+        return self.fleet.default.created
+
+    @property
+    def status(self) -> SlotStatus:
+        return self.fleet.default.status
+
+    @property
+    def load_error(self) -> str | None:
+        return self.fleet.default.load_error
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.fleet.default.engine
+
+    @property
+    def chat_template(self) -> ChatTemplate | None:
+        return self.fleet.default.chat_template
 
     def downloading(self, bytes_done: int, bytes_total: int) -> None:
-        """The loader thread: the model is downloading, this far (bytes over every file)."""
-        with self._download_lock:
-            self._download = (bytes_done, bytes_total)
+        self.fleet.default.downloading(bytes_done, bytes_total)
 
     def downloaded(self) -> None:
-        """The loader thread: the download is over (verified); loading goes on."""
-        with self._download_lock:
-            self._download = None
+        self.fleet.default.downloaded()
 
     def download_progress(self) -> tuple[int, int] | None:
-        """(bytes_done, bytes_total) while the model downloads; None otherwise."""
-        if self.status != "loading":
-            return None
-        with self._download_lock:
-            return self._download
+        return self.fleet.default.download_progress()
 
     def engine_stats(self) -> EngineStats | None:
-        return self.engine.stats() if self.engine is not None and self.status == "ready" else None
+        return self.fleet.default.engine_stats()
+
+    def load_report(self) -> Mapping[str, Any] | None:
+        """GET /plan's data (the metrics show its placement); None until the model serves."""
+        engine = self.fleet.default.engine
+        return engine.load_report if engine is not None else None
+
+    def ready(self) -> tuple[Engine, ChatTemplate]:
+        return self.fleet.default.ready()
+
+    def unavailable_reason(self) -> str:
+        return self.fleet.default.unavailable_reason()
+
+    def check_model(self, requested: str | None) -> None:
+        self.fleet.resolve(requested)
+
+    # --- several models -----------------------------------------------------------------------------
+    def model(self, name: str | None) -> ModelSlot:
+        """The slot `name` routes to (None: the default model); 404 naming the served ones."""
+        return self.fleet.resolve(name)
+
+    async def acquire(self, name: str | None, keep_alive: Any = None) -> Lease:
+        """The named model, loaded (on demand), held until the lease is released."""
+        return await self.fleet.acquire(name, NO_KEEP_ALIVE if keep_alive is None else keep_alive)
+
+    def model_readings(self) -> list[ModelReading]:
+        return [
+            ModelReading(slot.id, slot.engine_stats(), slot.engine.load_report if slot.engine is not None else None)
+            for slot in self.fleet.slots.values()
+        ]
 
     def _audit_spool(self) -> tuple[int, int] | None:
         """The audit spool's (bytes now, capacity) for the metrics; None when auditing is off."""
         return None if self.audit is None else (self.audit.spool_bytes(), self.audit.spool_max_bytes)
-
-    def load_report(self) -> Mapping[str, Any] | None:
-        """GET /plan's data (the metrics show its placement); None until the model serves."""
-        return self.engine.load_report if self.engine is not None else None
-
-    def attach(self, engine: Engine, chat_template: ChatTemplate) -> None:
-        """The loader finished: start the engine (on the event loop: it captures the loop) and serve."""
-        if self.status == "stopped":  # shut down while loading: nobody will use this engine
-            engine.stop()
-            return
-        try:
-            engine.start()
-        except Exception as exc:
-            log.exception("the engine failed to start")
-            self.fail(f"the engine failed to start: {exc}")
-            engine.stop()
-            return
-        self.engine = engine
-        self.chat_template = chat_template
-        self.status = "ready"
-        info = engine.info
-        log.info(
-            "serving %s (%s): %d slots × %d tokens, chat template from %s",
-            self.served_model_id,
-            info.architecture,
-            info.n_slots,
-            info.n_ctx_per_slot,
-            chat_template.origin,
-        )
-
-    def fail(self, message: str) -> None:
-        if self.status == "stopped":
-            return
-        self.status = "failed"
-        self.load_error = message
-        if self._on_load_failure is not None:
-            self._on_load_failure(message)
-
-    def detach(self) -> Engine | None:
-        """Shutdown: no more requests; the caller stops the returned engine."""
-        engine, self.engine = self.engine, None
-        self.status = "stopped"
-        return engine
-
-    def check_model(self, requested: str | None) -> None:
-        if requested is not None and requested != self.served_model_id:
-            raise ModelNotFoundError(
-                f"The model '{requested}' does not exist; this server serves '{self.served_model_id}'.",
-                param="model",
-            )
-
-    def ready(self) -> tuple[Engine, ChatTemplate]:
-        if self.status == "ready" and self.engine is not None and self.chat_template is not None:
-            return self.engine, self.chat_template
-        raise ServiceUnavailableError(self.unavailable_reason())
-
-    def unavailable_reason(self) -> str:
-        if (progress := self.download_progress()) is not None:
-            return f"The model is still downloading ({progress[0]} of {progress[1]} bytes); retry later."
-        if self.status == "loading":
-            return "The model is still loading; retry shortly."
-        if self.status == "failed":
-            return f"The model failed to load: {self.load_error}"
-        return "The server is shutting down."
 
 
 def server_state(connection: HTTPConnection) -> ServerState:

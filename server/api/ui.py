@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, Request
 
 from server.api.auth import app_auth, require_admin
 from server.api.state import ServerState, server_state
+from server.fleet.slot import ModelSlot
 from server.metrics import PREFIX, VLLM
 
 router = APIRouter(prefix="/ui/api")
@@ -86,12 +87,13 @@ class StatsRing:
         return None
 
 
-def _ring(request: Request) -> StatsRing:
+def _ring(request: Request, model: str) -> StatsRing:
+    """The model's ring buffer (one per served model, on app.state)."""
     state = request.app.state
-    ring = getattr(state, "ui_stats", None)
-    if ring is None:
-        ring = state.ui_stats = StatsRing()
-    return ring
+    rings: dict[str, StatsRing] | None = getattr(state, "ui_stats", None)
+    if rings is None:
+        rings = state.ui_stats = {}
+    return rings.setdefault(model, StatsRing())
 
 
 def _families(state: ServerState) -> dict[str, Any]:
@@ -99,11 +101,13 @@ def _families(state: ServerState) -> dict[str, Any]:
     return {family.name: family for family in state.metrics.registry.collect()}
 
 
-def _buckets(family: Any) -> Buckets:
+def _buckets(family: Any, model: str | None = None) -> Buckets:
     if family is None:
         return ()
     bounds: dict[float, float] = {}
     for sample in family.samples:
+        if model is not None and sample.labels.get("model_name") != model:
+            continue
         if sample.name.endswith("_bucket"):
             bound = float(sample.labels["le"])
             bounds[bound] = bounds.get(bound, 0.0) + sample.value  # summed over model_name (there is one)
@@ -135,8 +139,11 @@ def _gpus(families: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
     return tuple(gpus[index] for index in sorted(gpus, key=int))
 
 
-def take_reading(state: ServerState, now: float | None = None) -> Reading:
+def take_reading(state: ServerState, now: float | None = None, slot: ModelSlot | None = None) -> Reading:
+    """A reading of the model `slot` (default: the default model) and the machine."""
+    slot = slot or state.default
     families = _families(state)
+    model = slot.id if len(state.fleet.slots) > 1 else None  # one model: every series is its
     ram = {
         "used_bytes": _gauge(families, f"{PREFIX}_host_memory_used_bytes") or 0.0,
         "total_bytes": _gauge(families, f"{PREFIX}_host_memory_total_bytes") or 0.0,
@@ -145,12 +152,12 @@ def take_reading(state: ServerState, now: float | None = None) -> Reading:
     base = Reading(
         t=time.monotonic() if now is None else now,
         ready=False,
-        ttft=_buckets(families.get(_TTFT)),
-        itl=_buckets(families.get(_ITL)),
+        ttft=_buckets(families.get(_TTFT), model),
+        itl=_buckets(families.get(_ITL), model),
         gpus=_gpus(families),
         ram=ram,
     )
-    stats = state.engine_stats()
+    stats = slot.engine_stats()
     if stats is None:
         return base
     return replace(
@@ -225,12 +232,14 @@ def _history(readings: Iterable[Reading], now: float) -> list[dict[str, Any]]:
     return points
 
 
-def snapshot(state: ServerState, ring: StatsRing, reading: Reading) -> dict[str, Any]:
-    """The dashboard's JSON for this reading (already added to the ring)."""
+def snapshot(state: ServerState, ring: StatsRing, reading: Reading, slot: ModelSlot | None = None) -> dict[str, Any]:
+    """The dashboard's JSON for this reading (already added to the ring) of the model `slot` (default: the
+    default model)."""
+    slot = slot or state.default
     minute_ago = ring.since(reading, QUANTILE_WINDOW_S)
     return {
-        "status": state.status,
-        "model": state.served_model_id,
+        "status": slot.status,
+        "model": slot.id,
         "tokens_per_second": _rate(reading, ring.before(reading, RATE_MIN_SPAN_S)) if reading.ready else None,
         "ttft_seconds": _quantiles(reading.ttft, minute_ago, "ttft"),
         "inter_token_latency_seconds": _quantiles(reading.itl, minute_ago, "itl"),
@@ -259,10 +268,12 @@ async def whoami(request: Request) -> dict[str, Any]:
 
 
 @router.get("/stats", response_model=None, dependencies=[Depends(require_admin)])
-async def stats(request: Request) -> dict[str, Any]:
-    """The dashboard's snapshot: rates and quantiles, slots, queue, caches, GPUs and RAM, and the history."""
+async def stats(request: Request, model: str | None = None) -> dict[str, Any]:
+    """The dashboard's snapshot of one model (`?model=`, default: the default model): rates and quantiles,
+    slots, queue, caches, GPUs and RAM, and the history."""
     state = server_state(request)
-    ring = _ring(request)
-    reading = take_reading(state)
+    slot = state.model(model)
+    ring = _ring(request, slot.id)
+    reading = take_reading(state, slot=slot)
     ring.add(reading)
-    return snapshot(state, ring, reading)
+    return snapshot(state, ring, reading, slot)

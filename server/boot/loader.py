@@ -10,6 +10,7 @@ larger GPU margin instead of ending the server.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -19,9 +20,11 @@ from typing import Any, Protocol
 import psutil
 
 from bindings.devices import list_devices
+from bindings.draft_model import DraftModelConfig, LlamaDraftModel
 from bindings.embedder import EmbedderConfig, LlamaEmbedder
 from bindings.llama_backend import LlamaBackend, LlamaBackendConfig, supports_gpu_offload
-from bindings.protocol import BackendError
+from bindings.mtp import MtpDrafter
+from bindings.protocol import BackendError, Drafter
 from convert.pull import ensure_model, locate_model
 from offload.gguf_shape import GgufError, KvType, read_model_shape
 from offload.hardware import GIB, MIB, detect
@@ -40,6 +43,9 @@ from offload.verify import BufferCheck, check, expected_buffers
 from registry.models import ResolvedModel, load_registry
 from server.boot.bufts_probe import ProbeVerdict, resolve_use_extra_bufts
 from server.engine.engine import Engine, EngineConfig
+from server.engine.speculation import NgramDrafter, SpeculationConfig
+from server.rpc.boot import memory_check as rpc_memory_check
+from server.rpc.boot import planned_backend, register_workers, report_workers
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,7 +79,7 @@ def locate_settings_model(settings: Settings) -> tuple[str, ResolvedModel | None
     RegistryError when the name can never resolve here (unknown, or to download while downloads cannot happen):
     the CLI says so before binding the port."""
     registry = load_registry(settings.models_file)
-    name = settings.model or registry.default
+    name = settings.primary_model() or registry.default
     return name, locate_model(name, allow_download=settings.allow_download, registry=registry)
 
 
@@ -117,7 +123,7 @@ def resolve_settings_model(settings: Settings, observer: LoadObserver | None = N
     """The GGUF the settings name (a models.yaml name, or a path), pulled on first use when allowed; the
     observer hears the download's progress, then that it is over."""
     registry = load_registry(settings.models_file)
-    name = settings.model or registry.default
+    name = settings.primary_model() or registry.default
     progress = DownloadLog(name, observer)
     model = ensure_model(name, allow_download=settings.allow_download, registry=registry, progress=progress)
     if progress.started:
@@ -134,6 +140,59 @@ def engine_config(settings: Settings, n_batch: int, prompt_cache_bytes: int = 0)
         request_timeout_s=settings.request_timeout_s,
         prefix_reuse=settings.prefix_reuse,
         prompt_cache_bytes=prompt_cache_bytes,
+        speculation=speculation_config(settings),
+    )
+
+
+def speculation_config(settings: Settings) -> SpeculationConfig | None:
+    """--spec-type and its bounds (None: off)."""
+    if settings.spec_type == "none":
+        return None
+    return SpeculationConfig(
+        draft_max=settings.draft_max, draft_min=settings.draft_min, max_step_tokens=settings.spec_max_step_tokens
+    )
+
+
+def build_drafter(settings: Settings, backend: LlamaBackend) -> Drafter | None:
+    """The drafter --spec-type names, on the loaded backend (None: speculation off). Another kind of drafter (an
+    MTP head) plugs in here: anything with the Drafter protocol's methods (bindings/protocol.py)."""
+    if settings.spec_type == "none":
+        return None
+    if settings.spec_type == "ngram":
+        return NgramDrafter()
+    if settings.spec_type == "draft":
+        assert settings.draft_model is not None  # the settings refuse draft without it
+        info, config = backend.info, backend.config
+        log.info("loading draft model %s", settings.draft_model)
+        return LlamaDraftModel(
+            settings.draft_model,
+            DraftModelConfig(
+                n_slots=info.n_slots,
+                n_ctx_per_slot=info.n_ctx_per_slot,
+                n_batch=min(info.n_batch, 512),
+                n_threads=config.n_threads,
+                use_extra_bufts=config.use_extra_bufts,
+                n_gpu_layers=config.n_gpu_layers,
+            ),
+            target_n_vocab=info.n_vocab,
+        )
+    if settings.spec_type == "mtp":
+        return _mtp_drafter(backend)
+    raise BackendError(f"--spec-type {settings.spec_type}: the engine has no drafter of this kind")
+
+
+def _mtp_drafter(backend: LlamaBackend) -> MtpDrafter:
+    """The MTP head on the backend's own model and context (loaded with load_mtp, which checked the GGUF has
+    a head). Made here, before the engine's first decode: it turns on the context's hidden states."""
+    config = backend.config
+    if not config.load_mtp:  # an MTP context on a model loaded without its block aborts the process
+        raise BackendError("--spec-type mtp: the model was loaded without its MTP block (load_mtp)")
+    log.info("MTP drafter on %s's multi-token-prediction head", backend.info.name)
+    return MtpDrafter(
+        backend.model_handle,
+        backend.context_handle,
+        mtp_loaded=True,
+        n_threads=config.n_threads or os.cpu_count() or 1,  # decode-sized steps: the decode threads
     )
 
 
@@ -198,6 +257,7 @@ def plan_load(settings: Settings, model: ResolvedModel, *, use_extra_bufts: bool
         flash_attn=settings.flash_attn,
         use_mmap=settings.mmap,
         use_mlock=settings.mlock,
+        load_mtp=settings.spec_type == "mtp",
     )
     return LoadPlan(model, settings.served_model_name or model.name, backend, engine_config(settings, n_batch))
 
@@ -211,22 +271,33 @@ def offload_backend_config(offload_plan: Plan, verdict: ProbeVerdict) -> LlamaBa
     return LlamaBackendConfig(**kwargs)
 
 
-def build_engine(settings: Settings, observer: LoadObserver | None = None) -> Engine:
-    """Resolve (download), probe, (plan,) load. Slow (seconds to hours): the app runs it off the event loop."""
+def build_engine(settings: Settings, observer: LoadObserver | None = None, planned: Plan | None = None) -> Engine:
+    """Resolve (download), probe, (plan,) load. Slow (seconds to hours): the app runs it off the event loop.
+    `planned`: with --auto-offload, the model's share of a joint plan for several models (server/fleet), used
+    instead of planning the model alone on the whole machine."""
     model = resolve_settings_model(settings, observer)
     verdict = resolve_use_extra_bufts(settings.extra_bufts, cache_dir=settings.cache_dir)
     log.info("extra buffer types: %s (%s)", "on" if verdict.use_extra_bufts else "off", verdict.reason)
     served_name = settings.served_model_name or model.name
     report: dict[str, Any] = {"model": served_name, "path": str(model.path), "extra_bufts": asdict(verdict)}
-    if settings.auto_offload:
-        backend, offload_plan = _load_with_plan(settings, model, verdict, served_name, report)
+    # --rpc: the workers become ggml devices before the model loads, so llama.cpp can place layers on them
+    workers = register_workers(settings)
+    if workers:
+        report["rpc_workers"] = report_workers(workers)
+    if settings.auto_offload and not workers:
+        backend, offload_plan = _load_with_plan(settings, model, verdict, served_name, report, planned)
         report["prompt_cache"] = prompt_cache_budget(settings, offload_plan.ram_left_bytes)
         engine = engine_config(settings, offload_plan.n_batch, report["prompt_cache"]["bytes"])
     else:
         load = plan_load(settings, model, use_extra_bufts=verdict.use_extra_bufts)
+        if workers and settings.auto_offload:  # whole layers over this machine and the workers (offload/rpc.py)
+            rpc_backend = planned_backend(settings, Path(load.model.path), load.backend, workers, report)
+            load = replace(load, backend=rpc_backend)
         report["prompt_cache"] = prompt_cache_budget(settings, manual_ram_left(load.model, load.backend))
         log.info("loading %s from %s", load.served_name, load.model.path)
         backend = LlamaBackend(Path(load.model.path), load.backend, name=load.served_name)
+        if "rpc_plan" in report:  # what llama.cpp allocated on each worker, against the plan
+            report["rpc_memory_check"] = rpc_memory_check(report["rpc_plan"], backend.memory_report())
         engine = replace(load.engine, prompt_cache_bytes=report["prompt_cache"]["bytes"])
     embedder = _embedder(settings, backend, report) if embeddings_wanted(settings) else None
     info = backend.info
@@ -238,7 +309,18 @@ def build_engine(settings: Settings, observer: LoadObserver | None = None) -> En
         info.n_ctx_per_slot,
         engine.max_batch_tokens,
     )
-    return Engine(backend, engine, load_report=report, embedder=embedder)
+    try:
+        drafter = build_drafter(settings, backend)
+    except BaseException:
+        if embedder is not None:
+            embedder.close()
+        backend.close()
+        raise
+    report["speculation"] = {
+        "spec_type": settings.spec_type,
+        **(asdict(engine.speculation) if engine.speculation else {}),
+    }
+    return Engine(backend, engine, load_report=report, embedder=embedder, drafter=drafter)
 
 
 def embeddings_wanted(settings: Settings) -> bool:
@@ -246,7 +328,7 @@ def embeddings_wanted(settings: Settings) -> bool:
     if settings.embeddings:
         return True
     registry = load_registry(settings.models_file)
-    entry = registry.models.get(settings.model or registry.default)
+    entry = registry.models.get(settings.primary_model() or registry.default)
     return entry is not None and entry.embedding
 
 
@@ -271,7 +353,12 @@ def _embedder(settings: Settings, backend: LlamaBackend, report: dict[str, Any])
 
 
 def _load_with_plan(
-    settings: Settings, model: ResolvedModel, verdict: ProbeVerdict, served_name: str, report: dict[str, Any]
+    settings: Settings,
+    model: ResolvedModel,
+    verdict: ProbeVerdict,
+    served_name: str,
+    report: dict[str, Any],
+    planned: Plan | None = None,
 ) -> tuple[LlamaBackend, Plan]:
     shape = read_model_shape(model.path)
     with_gpus = supports_gpu_offload()
@@ -279,10 +366,12 @@ def _load_with_plan(
     devices = list_devices() if with_gpus else None
     hardware = detect(cache_path=settings.cache_dir / "hardware.json", with_gpus=with_gpus, backend_devices=devices)
     request = PlanRequest(ctx=settings.ctx_size, parallel=settings.parallel, model_name=served_name)
-    offload_plan = plan(shape, hardware, request)
+    offload_plan = planned if planned is not None else plan(shape, hardware, request)
+    report["plan_scope"] = "joint" if planned is not None else "alone"
     for attempt in range(OOM_RETRIES + 1):
         log.info("offload plan:\n%s", render_table(offload_plan, shape))
-        config = offload_backend_config(offload_plan, verdict)
+        # the MTP block (--spec-type mtp) is one more layer than the plan counts: ~2% of Qwen3-Next-80B
+        config = replace(offload_backend_config(offload_plan, verdict), load_mtp=settings.spec_type == "mtp")
         try:
             backend = LlamaBackend(Path(model.path), config, name=served_name)
         except BackendError as exc:

@@ -12,7 +12,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,6 +20,7 @@ from bindings.protocol import (
     Backend,
     BackendError,
     CacheOp,
+    Drafter,
     Embedder,
     EmbedderInfo,
     ModelInfo,
@@ -32,7 +33,9 @@ from server.engine.embedding_queue import EmbeddingJob, EmbeddingQueue
 from server.engine.request import Request, TokenEvent
 from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from server.engine.sequence import Sequence, StepEvent
+from server.engine.speculation import CacheFollower, SpeculationConfig, verify_draft
 from server.errors import (
+    ApiError,
     ContextLengthExceededError,
     EngineFailureError,
     InvalidRequestError,
@@ -52,6 +55,7 @@ class EngineConfig:
     snapshot_min_tokens: int = 16  # smallest state worth saving (recurrent prompt snapshots, prompt cache)
     prompt_cache_bytes: int = 0  # RAM for past slot states kept for later requests with the same prefix (0: off)
     idle_poll_s: float = 0.5  # how often an idle engine thread re-checks deadlines
+    speculation: SpeculationConfig | None = None  # speculative decoding (needs a drafter); None: off
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,12 @@ class SlotStatus:
     n_cached_tokens: int  # tokens whose KV/state the slot holds now
     n_prompt_tokens: int
     n_generated_tokens: int
+    n_drafted: int = 0  # speculative decoding in this slot since the server started: tokens drafted ...
+    n_accepted: int = 0  # ... and accepted
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.n_accepted / self.n_drafted if self.n_drafted else None
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,9 @@ class EngineStats:
     n_prompt_cache_stashes_skipped: int = 0
     stash_seconds_per_mib: float = 0.0  # what a stash costs on the engine thread, as measured (running estimate)
     kv_cache_usage: float = 0.0  # tokens the slots hold / tokens they can hold (vLLM's kv_cache_usage_perc, 0..1)
+    spec_type: str = "none"  # the drafter speculative decoding uses (none: off)
+    n_draft_tokens: int = 0  # tokens drafted and verified
+    n_draft_accepted: int = 0  # of those, accepted
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,7 @@ class RequestStream:
         self.n_prompt_tokens = len(request.prompt_tokens)
         self._n_choices_open = request.n  # reader side: choices not yet finished
         self._n_finishes_undelivered = request.n  # dispatch side: finishing events still to come
-        self._events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._events: asyncio.Queue[TokenEvent | ApiError] = asyncio.Queue()  # an error: Engine.abandon
         self._cancelled = False
 
     @property
@@ -132,12 +145,18 @@ class RequestStream:
         try:
             while self._n_choices_open:
                 event = await self._events.get()
+                if isinstance(event, ApiError):  # the engine gave up on this request (Engine.abandon)
+                    raise event
                 if event.finish_reason is not None:
                     self._n_choices_open -= 1
                 yield event
         finally:
             if self._n_choices_open:
                 self.cancel()
+
+    def _abandon(self, error: ApiError) -> None:
+        """The reader gets `error` after the events queued so far; no more will come."""
+        self._events.put_nowait(error)
 
     def cancel(self) -> None:
         if not self._cancelled and self._n_choices_open:
@@ -153,7 +172,9 @@ class Engine:
         *,
         load_report: Mapping[str, Any] | None = None,
         embedder: Embedder | None = None,
+        drafter: Drafter | None = None,
     ) -> None:
+        """`drafter`: speculative decoding's (with config.speculation); the engine closes it when it stops."""
         self.config = config or EngineConfig()
         self.load_report = load_report  # how the model was loaded (the offload plan, its memory check), for GET /plan
         self._backend = backend
@@ -172,16 +193,22 @@ class Engine:
                 prefix_reuse=self.config.prefix_reuse,
                 snapshot_min_tokens=self.config.snapshot_min_tokens,
                 prompt_cache_bytes=self.config.prompt_cache_bytes if self.config.prefix_reuse else 0,
+                speculation=self.config.speculation if drafter is not None else None,
             ),
             backend,
             backend.state_size,
+            drafter,
         )
+        self._drafter = drafter
+        # A drafter with its own per-slot memory (an MTP head) follows the target's cache ops.
+        self._cache_follower = drafter if isinstance(drafter, CacheFollower) else None
         self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Embed | None] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}  # touched only on the event loop thread
+        self._abandoned: Callable[[], ApiError] | None = None  # set by abandon(), on the event loop thread
         self._seq_ids = itertools.count()
         self._lock = threading.Lock()  # guards the counters below, shared by both threads
         self._n_waiting = 0
@@ -215,6 +242,8 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        if self._abandoned is not None:  # its thread never returns and its buffers cannot be freed: see abandon()
+            return
         self._stopping.set()
         self._inbox.put(None)
         self._wakeup.set()
@@ -222,6 +251,8 @@ class Engine:
             self._thread.join()  # its last act publishes an ERROR event for every unfinished request
         if self._embedder is not None:
             self._embedder.close()  # its context uses the backend's model: freed first
+        if self._drafter is not None:
+            self._drafter.close()
         self._backend.close()
 
     def submit(self, request: Request) -> RequestStream:
@@ -246,6 +277,17 @@ class Engine:
         self._inbox.put(_Cancel(request_id))
         self._wakeup.set()
 
+    def abandon(self, failure: Callable[[], ApiError]) -> None:
+        """Event loop side, for a backend that will never return: an RPC worker it uses died, and the engine
+        thread stays blocked in llama_decode (bindings/rpc.py WorkerLossHook). Every live request fails with
+        failure() now, every later submit too, without the engine thread; stop() then leaves the thread and the
+        backend alone (joining would wait forever; freeing goes through the dead connection): the process is
+        replaced instead (server/rpc/failover.py)."""
+        self._abandoned = failure
+        streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream._abandon(failure())
+
     def embed(self, inputs: list[list[int]]) -> concurrent.futures.Future[list[bytes]]:
         """Queue inputs (token lists) for embedding; the future gets one pooled, unnormalized vector (n_embd
         little-endian float32) per input, in order. Cancelling it drops the inputs not yet decoded."""
@@ -268,6 +310,8 @@ class Engine:
             self._n_embedding_jobs -= 1
 
     def _validate_embedding(self, inputs: list[list[int]]) -> None:
+        if self._abandoned is not None:
+            raise self._abandoned()
         if not self.running:
             raise ServiceUnavailableError("the engine is not running")
         info = self.embedder_info
@@ -317,9 +361,14 @@ class Engine:
                 stash_seconds_per_mib=self._scheduler.stash_seconds_per_byte * (1 << 20),
                 kv_cache_usage=sum(s.n_cached_tokens for s in self._slot_statuses)
                 / max(1, self.info.n_slots * self.info.n_ctx_per_slot),
+                spec_type=self._drafter.name if self._drafter is not None else "none",
+                n_draft_tokens=counters.n_draft_tokens,
+                n_draft_accepted=counters.n_draft_accepted,
             )
 
     def _validate(self, request: Request) -> None:
+        if self._abandoned is not None:
+            raise self._abandoned()
         if not self.running:
             raise ServiceUnavailableError("the engine is not running")
         n_prompt = len(request.prompt_tokens)
@@ -424,12 +473,23 @@ class Engine:
                 return self._scheduler.commit(plan, {})
             decode_started = time.perf_counter()
             self._backend.decode(plan.entries)
-            sampled: dict[int, SampledToken] = {
-                seq.seq_id: self._backend.sample(seq.seq_id, index, seq.request.params) for seq, index in plan.samples
-            }
+            if self._drafter is not None:
+                self._drafter.observe(plan.entries)
+            sampled: dict[int, SampledToken | list[SampledToken]]
+            if plan.drafts:
+                sampled = self._verify(plan)
+            else:
+                sampled = {
+                    seq.seq_id: self._backend.sample(seq.seq_id, index, seq.request.params)
+                    for seq, index in plan.samples
+                }
             prompt_logprobs = self._prompt_logprobs(plan)
             if all(len(entry.tokens) == 1 for entry in plan.entries):  # a pure decode step: what a stash stalls
                 self._scheduler.observe_step(time.perf_counter() - decode_started)
+            elif plan.drafts and all(len(entry.tokens) == entry.n_logits for entry in plan.entries):
+                # decode tokens and drafts only: what verifying a drafted token costs, for the adaptive rule
+                n_drafted = sum(len(draft) for draft in plan.drafts.values())
+                self._scheduler.observe_draft_step(time.perf_counter() - decode_started, n_drafted)
         except BackendError as exc:
             log.error("decode of %d tokens failed: %s", plan.n_tokens, exc)
             with self._lock:
@@ -441,6 +501,19 @@ class Engine:
                 self._n_steps += 1
                 self._seconds_decoding += elapsed
         return self._scheduler.commit(plan, sampled, prompt_logprobs)
+
+    def _verify(self, plan: StepPlan) -> dict[int, SampledToken | list[SampledToken]]:
+        """Sample every slot; a speculating one position by position while its draft holds (verify_draft)."""
+        sampled: dict[int, SampledToken | list[SampledToken]] = {}
+        sample = self._backend.sample
+        for seq, index in plan.samples:
+            draft = plan.drafts.get(seq.seq_id)
+            params = seq.request.params
+            if draft is None:
+                sampled[seq.seq_id] = sample(seq.seq_id, index, params)
+            else:
+                sampled[seq.seq_id] = verify_draft(draft, _sample_from(sample, seq.seq_id, index, params))
+        return sampled
 
     def _prompt_logprobs(self, plan: StepPlan) -> dict[int, tuple[TokenLogprob, ...]]:
         """The prompt logprobs the backend computed for the entries that asked (by sequence id), checked: a
@@ -472,6 +545,8 @@ class Engine:
             self._scheduler.observe_stash(op.n_bytes, time.perf_counter() - started)
         if pending:
             self._backend.apply(pending)
+        if self._cache_follower is not None and plan.ops:
+            self._cache_follower.follow(plan.ops)
 
     def _drain_inbox(self) -> list[StepEvent]:
         events: list[StepEvent] = []
@@ -527,9 +602,21 @@ class Engine:
                     n_cached_tokens=len(slot.cached_tokens),
                     n_prompt_tokens=seq.n_prompt_tokens if seq else 0,
                     n_generated_tokens=len(seq.output_tokens) if seq else 0,
+                    n_drafted=slot.n_drafted,
+                    n_accepted=slot.n_accepted,
                 )
             )
         return statuses
+
+
+def _sample_from(
+    sample: Callable[[int, int, SamplingParams], SampledToken],
+    sampler_id: int,
+    first_index: int,
+    params: SamplingParams,
+) -> Callable[[int], SampledToken]:
+    """Sampling at the i-th verified position of a speculating slot's entry."""
+    return lambda i: sample(sampler_id, first_index + i, params)
 
 
 def _sampler_params(seq: Sequence) -> SamplingParams:

@@ -67,11 +67,13 @@ class FakeBackend:
         self.config = config or FakeBackendConfig()
         self._slots = [_Slot() for _ in range(self.config.n_slots)]
         self._snapshots: dict[int, list[int]] = {}
+        self._checkpoints: dict[int, list[int]] = {}  # speculation's rollback points ("checkpoint"/"rollback")
         self._stashed: dict[int, list[int]] = {}  # the prompt cache: entry id → tokens
         self.failing_ops: set[str] = set(self.config.failing_ops)  # tests may change it between steps
         self._samplers: dict[int, np.random.Generator] = {}
         self._penalty_history: dict[int, list[int]] = {}
         self._logits: np.ndarray = np.zeros((0, N_VOCAB), dtype=np.float32)
+        self._outputs: frozenset[int] = frozenset()  # rows of the last decode that have logits
         self._prompt_logprobs: dict[int, tuple[TokenLogprob, ...]] = {}  # by slot, from the last decode
         self.n_decode_calls = 0
         self.batches: list[tuple[BatchEntry, ...]] = []  # every decoded batch, for assertions
@@ -155,8 +157,26 @@ class FakeBackend:
                 slot.tokens = list(self._stashed[op.entry])
             elif op.kind == "drop":
                 self._stashed.pop(op.entry, None)
+            elif op.kind == "checkpoint":
+                self._checkpoints[op.slot] = list(slot.tokens)
+            elif op.kind == "rollback":
+                self._rollback(op)
             else:
                 raise BackendError(f"unknown cache op {op.kind!r}")
+
+    def _rollback(self, op: CacheOp) -> None:
+        slot = self._slots[op.slot]
+        if self.config.supports_partial_removal:
+            del slot.tokens[op.n_keep :]
+            return
+        checkpoint = self._checkpoints.get(op.slot)
+        if checkpoint is None:
+            raise BackendError(f"rollback of slot {op.slot}: no checkpoint was taken")
+        if len(checkpoint) != op.n_keep or slot.tokens[: op.n_keep] != checkpoint:
+            raise BackendError(
+                f"rollback of slot {op.slot} to {op.n_keep} tokens: its checkpoint holds {len(checkpoint)}"
+            )
+        slot.tokens = list(checkpoint)
 
     def state_size(self, slot: int) -> int:
         return self._state_bytes(len(self._slots[slot].tokens))
@@ -199,7 +219,21 @@ class FakeBackend:
                 logits[row] = self._model(slot.tokens)
                 row += 1
         self._logits = logits
+        self._outputs = self._output_rows(entries)
         self._prompt_logprobs = self._entry_logprobs(entries)
+
+    @staticmethod
+    def _output_rows(entries: Sequence[BatchEntry]) -> frozenset[int]:
+        """The rows llama.cpp would have logits for: each entry's last n_logits when logits_last (its drafted
+        positions when speculating), and its logprob targets' positions."""
+        rows: set[int] = set()
+        end = 0
+        for entry in entries:
+            start, end = end, end + len(entry.tokens)
+            if entry.logits_last:
+                rows.update(range(end - min(entry.n_logits, len(entry.tokens)), end))
+            rows.update(range(start, start + len(entry.logprob_targets)))
+        return frozenset(rows)
 
     def _entry_logprobs(self, entries: Sequence[BatchEntry]) -> dict[int, tuple[TokenLogprob, ...]]:
         """As llama_backend does after a decode: each logprob target's logprob under its position's logits."""
@@ -252,6 +286,8 @@ class FakeBackend:
         self._penalty_history.pop(sampler_id, None)
 
     def sample(self, sampler_id: int, logits_index: int, params: SamplingParams) -> SampledToken:
+        if logits_index not in self._outputs:
+            raise BackendError(f"the last decode produced no logits at batch index {logits_index}")
         raw = self._logits[logits_index].astype(np.float64)
         history = self._penalty_history[sampler_id]
         logits = self._penalized(raw.copy(), history[-params.penalty_last_n :], params)
@@ -262,6 +298,27 @@ class FakeBackend:
         history.append(token)
         logprob = self._logprob(raw, token, params) if params.logprobs else None
         return SampledToken(token, logprob)
+
+    def probabilities(self, sampler_id: int, logits_index: int, params: SamplingParams) -> np.ndarray:
+        """The distribution sample() draws the next token of `sampler_id` from at `logits_index` now (after its
+        penalties so far), without sampling: what tests of the speculative acceptance rule compare with."""
+        raw = self._logits[logits_index].astype(np.float64)
+        history = self._penalty_history[sampler_id]
+        logits = self._penalized(raw.copy(), history[-params.penalty_last_n :], params)
+        return self._distribution(logits, params)
+
+    def greedy_continuation(self, tokens: Sequence[int], n: int, params: SamplingParams | None = None) -> list[int]:
+        """The next n tokens a greedy sampler (with `params`' logit biases) would pick after `tokens`: the "model"
+        is a pure function of a sequence's tokens, so tests can build drafts that are right or wrong on purpose."""
+        history = list(tokens)
+        out = []
+        for _ in range(n):
+            logits = self._model(history).astype(np.float64)
+            for token, bias in (params.logit_bias if params else {}).items():
+                logits[token] += bias
+            out.append(int(np.argmax(logits)))
+            history.append(out[-1])
+        return out
 
     def n_live_samplers(self) -> int:
         return len(self._samplers)
@@ -289,10 +346,20 @@ class FakeBackend:
 
     @staticmethod
     def _choose(logits: np.ndarray, rng: np.random.Generator, params: SamplingParams) -> int:
+        if params.greedy:
+            logits = np.nan_to_num(logits, nan=-np.inf, posinf=float(np.finfo(np.float32).max))
+            return int(np.argmax(logits))
+        probs = FakeBackend._distribution(logits, params)
+        return int(rng.choice(len(probs), p=probs))
+
+    @staticmethod
+    def _distribution(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         # An extreme penalty (repeat_penalty 5e-324) overflows a logit to inf; llama.cpp still samples then
         logits = np.nan_to_num(logits, nan=-np.inf, posinf=float(np.finfo(np.float32).max))
         if params.greedy:
-            return int(np.argmax(logits))
+            probs = np.zeros_like(logits)
+            probs[int(np.argmax(logits))] = 1.0
+            return probs
         if params.top_k > 0:
             logits[np.argsort(logits)[: -params.top_k]] = -np.inf
         probs = np.exp((logits - logits.max()) / params.temperature)
@@ -306,8 +373,8 @@ class FakeBackend:
             mask = np.zeros_like(probs, dtype=bool)
             mask[order[keep]] = True
             probs[~mask] = 0.0
-        probs /= probs.sum()
-        return int(rng.choice(len(probs), p=probs))
+        normalized: np.ndarray = probs / probs.sum()
+        return normalized
 
     def _logprob(self, logits: np.ndarray, token: int, params: SamplingParams) -> TokenLogprob:
         return self._top_logprobs(logits, token, params.top_logprobs)

@@ -26,11 +26,21 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from bindings.protocol import BatchEntry, CacheOp, SampledToken, TokenLogprob, Vocab
+from bindings.protocol import (
+    BackendError,
+    BatchEntry,
+    CacheOp,
+    Drafter,
+    DraftRequest,
+    SampledToken,
+    TokenLogprob,
+    Vocab,
+)
 from server.engine.request import FinishReason, Request
 from server.engine.sequence import Sequence, SequenceStatus, Slot, StepEvent
+from server.engine.speculation import SpeculationConfig
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,7 @@ class SchedulerConfig:
     # What a stash costs before the engine has timed one (bench/stash_cost.py: 0.45-0.7 ms/MiB into a fresh
     # buffer on the 2-core development machine); the engine's measurements replace it.
     stash_seconds_per_mib: float = 0.6e-3
+    speculation: SpeculationConfig | None = None  # None: never draft (also when the scheduler has no drafter)
 
     def __post_init__(self) -> None:
         if self.max_batch_tokens < self.n_slots:
@@ -62,6 +73,9 @@ class StepPlan:
     entries: list[BatchEntry] = field(default_factory=list)  # the batch, slot-ascending
     entry_sequences: list[Sequence] = field(default_factory=list)  # who owns each entry
     samples: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, logits index) to sample
+    # Speculative decoding: sequence id → the tokens drafted after its pending token (its entry ends with them
+    # and has logits at each; samples' index is the pending token's). Empty when nobody drafted.
+    drafts: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
@@ -85,6 +99,9 @@ class SchedulerCounters:
     n_prompt_cache_misses: int = 0  # requests that found no prefix to reuse, in a slot or in the cache
     n_prompt_cache_evictions: int = 0  # entries dropped, least recently used first, to make room
     n_prompt_cache_stashes_skipped: int = 0  # slot states lost unsaved: larger than the cache, or too slow to copy
+    n_draft_tokens: int = 0  # speculative decoding: tokens drafted and verified
+    n_draft_accepted: int = 0  # of those, accepted (each saved a decode step)
+    n_draft_failures: int = 0  # steps whose drafter raised (nothing was drafted then)
 
 
 @dataclass(frozen=True)
@@ -112,8 +129,15 @@ def common_prefix_length(a: Iterable[int], b: Iterable[int]) -> int:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, vocab: Vocab, state_size: Callable[[int], int] | None = None) -> None:
-        """`state_size(slot)`: bytes of a slot's state (Backend.state_size); needed when the prompt cache is on."""
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        vocab: Vocab,
+        state_size: Callable[[int], int] | None = None,
+        drafter: Drafter | None = None,
+    ) -> None:
+        """`state_size(slot)`: bytes of a slot's state (Backend.state_size); needed when the prompt cache is on.
+        `drafter`: proposes draft tokens for speculative decoding (with config.speculation)."""
         if config.prompt_cache_bytes and state_size is None:
             raise ValueError("a prompt cache (prompt_cache_bytes > 0) needs state_size to know what entries cost")
         self.config = config
@@ -134,6 +158,12 @@ class Scheduler:
         self.stash_seconds_per_byte = config.stash_seconds_per_mib / MIB
         self.step_seconds: float | None = None  # a decode step's time, as the engine measures it
         self.counters = SchedulerCounters()
+        self._drafter = drafter if config.speculation is not None else None
+        # What drafting and verifying one token costs, as a share of a decode step (measured; 0 until then).
+        self.draft_token_cost = 0.0
+        self._draft_seconds = 0.0  # the drafter's time in the step being planned
+        # Speculation: memory ops that cut rejected drafts out of slots, applied first thing next step.
+        self._pending_rollbacks: dict[int, CacheOp] = {}
 
     # --- queries ---------------------------------------------------------------------------------
     @property
@@ -150,7 +180,12 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._requests) or bool(self._slots_to_clear) or bool(self._pending_drops)
+        return (
+            bool(self._requests)
+            or bool(self._slots_to_clear)
+            or bool(self._pending_drops)
+            or bool(self._pending_rollbacks)
+        )
 
     def prompt_cache_entry_ids(self) -> set[int]:
         """The backend entries the prompt cache's index refers to."""
@@ -167,6 +202,17 @@ class Scheduler:
         """A decode step (one token per running slot, no prefill) took `seconds`."""
         previous = self.step_seconds
         self.step_seconds = seconds if previous is None else previous + COST_SMOOTHING * (seconds - previous)
+
+    def observe_draft_step(self, seconds: float, n_drafted: int) -> None:
+        """A step of decode tokens plus n_drafted verified draft tokens (no prefill) took `seconds` to decode:
+        next to a plain decode step's time, plus the drafter's own time (a draft model's decodes), what one
+        drafted token costs (SmolLM2 verifying on a CPU: half a step; a large memory-bound model: next to
+        nothing)."""
+        if self.step_seconds is None or n_drafted <= 0 or self.step_seconds <= 0:
+            return
+        extra = max(0.0, seconds - self.step_seconds) + self._draft_seconds
+        cost = extra / n_drafted / self.step_seconds
+        self.draft_token_cost += COST_SMOOTHING * (min(cost, 1.0) - self.draft_token_cost)
 
     def deadlines(self) -> list[float]:
         return [seqs[0].request.deadline for seqs in self._requests.values() if seqs[0].request.deadline]
@@ -216,6 +262,8 @@ class Scheduler:
         self._admit(plan)
         budget = self.config.max_batch_tokens
         budget -= self._plan_decodes(plan)
+        if self._drafter is not None:
+            budget -= self._plan_drafts(plan, budget)
         self._plan_prefills(plan, budget)
         self._order_batch(plan)
         if plan.empty and not self._requests:
@@ -226,19 +274,26 @@ class Scheduler:
     def commit(
         self,
         plan: StepPlan,
-        sampled: Mapping[int, SampledToken],
+        sampled: Mapping[int, SampledToken | list[SampledToken]],
         prompt_logprobs: Mapping[int, tuple[TokenLogprob, ...]] | None = None,
     ) -> list[StepEvent]:
         """Record a decoded batch (or a step of memory ops only) and the tokens sampled from it; return what
         each sequence produced. `prompt_logprobs[seq_id]`: the logprobs of the logprob targets of that
-        sequence's entry (Backend.prompt_logprobs)."""
+        sequence's entry (Backend.prompt_logprobs). A speculating sequence's value is its verified run
+        (speculation.verify_draft): one event carries all its emitted tokens."""
         self._in_flight = None
         events: list[StepEvent] = []
         for entry, seq in zip(plan.entries, plan.entry_sequences, strict=True):
             if entry.logprob_targets and prompt_logprobs is not None:
                 seq.prompt_logprobs.extend(prompt_logprobs.get(seq.seq_id, ()))
             events += self._record_decoded(entry, seq)
-        return events + [self._accept(seq, sampled[seq.seq_id]) for seq, _ in plan.samples]
+        for seq, _ in plan.samples:
+            value = sampled[seq.seq_id]
+            if isinstance(value, SampledToken):
+                events.append(self._accept(seq, value))
+            else:
+                events.append(self._accept_run(seq, value, plan.drafts.get(seq.seq_id, ())))
+        return events
 
     def fail(self, plan: StepPlan, message: str) -> list[StepEvent]:
         """The decode (or a memory op) of this plan failed: fail its requests, forget their slots' memory and
@@ -275,6 +330,9 @@ class Scheduler:
 
     # --- planning helpers ------------------------------------------------------------------------
     def _plan_pending_memory_ops(self, plan: StepPlan) -> None:
+        if self._pending_rollbacks:  # first: the books already say these slots hold only the accepted tokens
+            plan.ops += [self._pending_rollbacks[index] for index in sorted(self._pending_rollbacks)]
+            self._pending_rollbacks.clear()
         for entry_id in sorted(self._pending_drops):
             plan.ops.append(CacheOp("drop", 0, entry=entry_id))
         self._pending_drops.clear()
@@ -474,11 +532,62 @@ class Scheduler:
             seq = slot.sequence
             if seq is None or seq.status is not SequenceStatus.DECODE:
                 continue
-            entry = BatchEntry(slot.index, (seq.pending_token,), len(slot.cached_tokens), logits_last=True)
-            plan.entries.append(entry)
+            start = len(slot.cached_tokens)
+            # After a rollback (a model without partial removal), the accepted tokens before the pending one
+            # are decoded again: everything the slot does not hold yet, which is normally the pending token only.
+            tokens = (seq.pending_token,) if start == seq.n_tokens_total - 1 else _tokens_from(seq, start)
+            plan.entries.append(BatchEntry(slot.index, tokens, start, logits_last=True))
             plan.entry_sequences.append(seq)
-            n_scheduled += 1
+            n_scheduled += len(tokens)
         return n_scheduled
+
+    def _plan_drafts(self, plan: StepPlan, budget: int) -> int:
+        """Draft for decoding slots while the step is small (see SpeculationConfig) and their acceptance pays;
+        extend their entries with the drafts; return the tokens added."""
+        spec = self.config.speculation
+        assert spec is not None and self._drafter is not None
+        spare = min(budget, spec.max_step_tokens - sum(len(entry.tokens) for entry in plan.entries))
+        requests: list[DraftRequest] = []
+        positions: list[int] = []
+        for position, (entry, seq) in enumerate(zip(plan.entries, plan.entry_sequences, strict=True)):
+            if spare < spec.draft_min:
+                break
+            n_max = min(seq.spec.draft_length(spec, self.draft_token_cost), spare, self._draft_room(seq))
+            if n_max < spec.draft_min or not seq.request.params.speculative or not seq.spec.wants_draft():
+                continue
+            requests.append(DraftRequest(seq.seq_id, entry.slot, seq.prompt, seq.output_tokens, n_max))
+            positions.append(position)
+            spare -= n_max
+        if not requests:
+            return 0
+        started = time.perf_counter()
+        try:
+            drafts = self._drafter.draft(requests)
+            self._draft_seconds = time.perf_counter() - started  # a draft model's decodes: part of the cost
+        except BackendError:
+            self.counters.n_draft_failures += 1
+            return 0
+        n_added = 0
+        for position, request, draft in zip(positions, requests, drafts, strict=True):
+            draft = tuple(draft[: request.n_max])
+            if len(draft) < spec.draft_min:
+                continue
+            entry, seq = plan.entries[position], plan.entry_sequences[position]
+            plan.entries[position] = replace(entry, tokens=entry.tokens + draft, n_logits=len(draft) + 1)
+            plan.drafts[seq.seq_id] = draft
+            if not self.config.supports_partial_removal:
+                plan.ops.append(CacheOp("checkpoint", entry.slot))  # the rollback point, should a draft miss
+                self.slots[entry.slot].checkpoint_length = entry.start_pos
+            n_added += len(draft)
+        return n_added
+
+    def _draft_room(self, seq: Sequence) -> int:
+        """Most tokens worth drafting: k drafts emit at most k + 1 tokens, within max_tokens and the context."""
+        room = self.config.n_ctx_per_slot - seq.n_tokens_total  # drafts sit at positions n_total.. < n_ctx
+        max_tokens = seq.request.params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - len(seq.output_tokens) - 1)
+        return room
 
     def _plan_prefills(self, plan: StepPlan, budget: int) -> None:
         prefilling = [
@@ -518,7 +627,7 @@ class Scheduler:
         for entry, seq in zip(plan.entries, plan.entry_sequences, strict=True):
             position += len(entry.tokens)
             if entry.logits_last and seq.request.params.max_tokens != 0:  # max_tokens 0: prompt logprobs only
-                logits_index = position - 1
+                logits_index = position - entry.n_logits  # n_logits > 1: the pending token's, drafts after it
                 plan.samples.append((seq, logits_index))
                 if seq.status is SequenceStatus.PREFILL:
                     plan.samples += [(child, logits_index) for child in self._children(seq)]
@@ -591,6 +700,52 @@ class Scheduler:
             )
         return StepEvent(seq, text, (token,), logprobs, None, prompt_logprobs=prompt_logprobs)
 
+    def _accept_run(self, seq: Sequence, run: list[SampledToken], draft: tuple[int, ...]) -> StepEvent:
+        """Book a verified draft (cut the rejected tokens out of the slot, next step) and emit the run's tokens
+        one by one, as if each came from its own step: a stop string, EOS or max_tokens inside the run ends the
+        output exactly where decoding without speculation would. One event for the whole run."""
+        n_accepted = common_prefix_length((sampled.token for sampled in run), draft)
+        self._book_verification(seq, len(draft), n_accepted)
+        events = []
+        for sampled in run:
+            events.append(self._accept(seq, sampled))
+            if events[-1].finish_reason is not None:
+                break
+        if len(events) == 1:
+            return events[0]
+        last = events[-1]
+        return StepEvent(
+            seq,
+            "".join(event.text for event in events),
+            tuple(token for event in events for token in event.token_ids),
+            tuple(logprob for event in events for logprob in event.logprobs),
+            last.finish_reason,
+            last.error,
+            events[0].prompt_logprobs,
+        )
+
+    def _book_verification(self, seq: Sequence, n_drafted: int, n_accepted: int) -> None:
+        """The slot holds [.., pending, d1..dk]; keep [.., pending, d1..d_accepted] (a truncate, or on a model
+        without partial removal a rollback to the checkpoint taken before the decode: the accepted tokens
+        are then decoded again with the next pending token)."""
+        assert seq.slot is not None
+        slot = self.slots[seq.slot]
+        n_rejected = n_drafted - n_accepted
+        if n_rejected:
+            if self.config.supports_partial_removal:
+                del slot.cached_tokens[-n_rejected:]
+                op = CacheOp("truncate", slot.index, n_keep=len(slot.cached_tokens))
+            else:
+                n_keep = slot.checkpoint_length
+                del slot.cached_tokens[n_keep:]
+                op = CacheOp("rollback", slot.index, n_keep=n_keep)
+            self._pending_rollbacks[slot.index] = op
+        seq.spec.record(n_drafted, n_accepted, self.config.speculation or SpeculationConfig(), self.draft_token_cost)
+        slot.n_drafted += n_drafted
+        slot.n_accepted += n_accepted
+        self.counters.n_draft_tokens += n_drafted
+        self.counters.n_draft_accepted += n_accepted
+
     def _finish_sequence(
         self,
         seq: Sequence,
@@ -606,6 +761,8 @@ class Scheduler:
         seq.finish_reason = reason
         if seq.slot is not None:
             self._release_slot(seq)
+        if self._drafter is not None:
+            self._drafter.forget(seq.seq_id)
         siblings = self._requests.get(seq.request.request_id, [])
         if all(s.status is SequenceStatus.FINISHED for s in siblings):
             self._requests.pop(seq.request.request_id, None)
@@ -628,6 +785,7 @@ class Scheduler:
         slot.cached_tokens = []
         slot.needs_save = False
         self._fork_sources.pop(index, None)
+        self._pending_rollbacks.pop(index, None)
         self._slots_to_clear.add(index)
 
     def _finish_request(self, request_id: str, reason: FinishReason, error: str | None) -> list[StepEvent]:
@@ -647,3 +805,11 @@ class Scheduler:
 
 def _past_deadline(request: Request, now: float) -> bool:
     return request.deadline is not None and now >= request.deadline
+
+
+def _tokens_from(seq: Sequence, start: int) -> tuple[int, ...]:
+    """The sequence's tokens (prompt, then output) from position `start` on."""
+    n_prompt = seq.n_prompt_tokens
+    if start >= n_prompt:
+        return tuple(seq.output_tokens[start - n_prompt :])
+    return seq.prompt[start:] + tuple(seq.output_tokens)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from bindings.protocol import TokenLogprob
 from server.engine.request import FinishReason, Request
+from server.engine.speculation import SpecStats
 from server.engine.text_stream import TextStream
 
 
@@ -34,6 +35,7 @@ class Sequence:
     # queue / prefill / decode times, as vLLM splits them; see TokenEvent)
     scheduled_at: float | None = None
     first_token_at: float | None = None
+    spec: SpecStats = field(default_factory=SpecStats)  # speculative decoding: drafted / accepted, back-off
     text: TextStream = field(init=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +72,9 @@ class Slot:
     snapshot_tokens: tuple[int, ...] | None = None  # tokens of the saved state (models without partial removal)
     sequence: Sequence | None = None
     needs_save: bool = False  # save a snapshot before the next decode (prompt just finished)
+    n_drafted: int = 0  # speculative decoding: draft tokens verified in this slot, and how many were accepted
+    n_accepted: int = 0
+    checkpoint_length: int = 0  # tokens the slot held at its last speculative checkpoint (no partial removal)
 
     @property
     def free(self) -> bool:

@@ -170,6 +170,9 @@ async def test_slots_show_a_running_request() -> None:
             "n_cached_tokens",
             "n_prompt_tokens",
             "n_generated_tokens",
+            "n_drafted",
+            "n_accepted",
+            "acceptance",
         }
         request = asyncio.create_task(
             served.client.post("/v1/completions", json={"prompt": "abcdef", "max_tokens": 60})

@@ -40,18 +40,19 @@ def hf_tokenizer() -> Any:
 
 
 @pytest.fixture(scope="session")
-def hf_case(tmp_path_factory: pytest.TempPathFactory, hf_tokenizer: Any) -> Callable[[str], HfCase]:
-    """hf_case(arch): the tiny checkpoint of `arch`, built and converted once per test session."""
+def hf_case(tmp_path_factory: pytest.TempPathFactory, hf_tokenizer: Any) -> Callable[..., HfCase]:
+    """hf_case(arch, mtp=False): the tiny checkpoint of `arch` (with an MTP head: qwen3next only), built and
+    converted once per test session."""
     from tiny_hf import write_checkpoint
 
-    built: dict[str, HfCase] = {}
+    built: dict[tuple[str, bool], HfCase] = {}
 
-    def get(arch: str) -> HfCase:
-        if arch not in built:
-            root = tmp_path_factory.mktemp(f"hf-{arch}")
-            model = write_checkpoint(arch, root / "checkpoint", hf_tokenizer)
+    def get(arch: str, mtp: bool = False) -> HfCase:
+        if (arch, mtp) not in built:
+            root = tmp_path_factory.mktemp(f"hf-{arch}{'-mtp' if mtp else ''}")
+            model = write_checkpoint(arch, root / "checkpoint", hf_tokenizer, mtp=mtp)
             summary = convert_checkpoint(root / "checkpoint", root / "model-f32.gguf", out_type="f32")
-            built[arch] = HfCase(arch, root / "checkpoint", root / "model-f32.gguf", model, summary)
-        return built[arch]
+            built[arch, mtp] = HfCase(arch, root / "checkpoint", root / "model-f32.gguf", model, summary)
+        return built[arch, mtp]
 
     return get

@@ -30,6 +30,18 @@ def test_synth_writes_a_model_and_refuses_an_unknown_architecture(tmp_path: Path
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_synth_mtp_adds_the_multi_token_prediction_head(tmp_path: Path) -> None:
+    done = _run("synth", "qwen3next", str(tmp_path / "mtp.gguf"), "--mtp")
+    assert done.returncode == 0, done.stderr
+    reader = gguf.GGUFReader(tmp_path / "mtp.gguf")
+    assert reader.fields["qwen3next.nextn_predict_layers"].contents() == 1
+    assert "blk.4.nextn.eh_proj.weight" in {tensor.name for tensor in reader.tensors}
+
+    refused = _run("synth", "llama", str(tmp_path / "x.gguf"), "--mtp")
+    assert refused.returncode == 1 and refused.stderr.startswith("error: ") and "qwen3next only" in refused.stderr
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_usage_errors_exit_2() -> None:
     assert _run().returncode == 2
     assert _run("convert-everything").returncode == 2

@@ -194,14 +194,104 @@ def test_fused_expert_tensors_convert_like_per_expert_ones(hf_case: Callable[[st
         np.testing.assert_array_equal(_values(fused[name]), _values(per_expert[name]))
 
 
-def test_multi_token_prediction_weights_are_skipped(hf_case: Callable[[str], HfCase], tmp_path: Path) -> None:
+# ---------------------------------------------------------------- the multi-token-prediction head
+
+# What llama.cpp's qwen3next loader reads for the MTP block (src/models/qwen3next.cpp, load_block_mtp): the
+# trunk's full-attention block names plus the nextn projections, in block num_hidden_layers.
+MTP_BLOCK_TENSORS = sorted(
+    [
+        *(f"blk.4.{name}.weight" for name in ("attn_norm", "post_attention_norm", "attn_q", "attn_k", "attn_v")),
+        *(f"blk.4.{name}.weight" for name in ("attn_output", "attn_q_norm", "attn_k_norm", "ffn_gate_inp")),
+        *(f"blk.4.ffn_{name}_exps.weight" for name in ("gate", "up", "down")),
+        *(f"blk.4.ffn_{name}_shexp.weight" for name in ("gate", "up", "down", "gate_inp")),
+        *(f"blk.4.nextn.{name}.weight" for name in ("eh_proj", "enorm", "hnorm", "shared_head_norm")),
+    ]
+)
+
+
+def test_qwen3next_mtp_head_is_written_the_way_llama_cpp_loads_it(hf_case: Callable[..., HfCase]) -> None:
+    case, plain = hf_case("qwen3next", mtp=True), hf_case("qwen3next")
+    mtp = {k: v.numpy() for k, v in case.model.mtp_weights.items()}
+    out = _tensors(case.gguf_f32)
+    reader = gguf.GGUFReader(case.gguf_f32)
+    assert case.summary.n_mtp_layers == 1 and case.summary.skipped == ()
+    assert _field(reader, "qwen3next.block_count") == 5  # 4 trunk layers + the MTP block
+    assert _field(reader, "qwen3next.nextn_predict_layers") == 1
+    assert sorted(set(out) - set(_tensors(plain.gguf_f32))) == MTP_BLOCK_TENSORS
+
+    assert tuple(int(n) for n in out["blk.4.nextn.eh_proj.weight"].shape) == (512, 256)  # ggml {2 n_embd, n_embd}
+    np.testing.assert_array_equal(_values(out["blk.4.nextn.eh_proj.weight"]), mtp["mtp.fc.weight"])
+    for hf_name, gguf_name in [
+        ("pre_fc_norm_embedding", "enorm"),
+        ("pre_fc_norm_hidden", "hnorm"),
+        ("norm", "shared_head_norm"),
+    ]:
+        np.testing.assert_array_equal(_values(out[f"blk.4.nextn.{gguf_name}.weight"]), mtp[f"mtp.{hf_name}.weight"] + 1)
+    layer = "mtp.layers.0."
+    np.testing.assert_array_equal(_values(out["blk.4.attn_norm.weight"]), mtp[layer + "input_layernorm.weight"] + 1)
+    np.testing.assert_array_equal(_values(out["blk.4.attn_q.weight"]), mtp[layer + "self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(
+        _values(out["blk.4.ffn_gate_inp_shexp.weight"]), mtp[layer + "mlp.shared_expert_gate.weight"].ravel()
+    )
+    np.testing.assert_array_equal(
+        _values(out["blk.4.ffn_down_exps.weight"])[5], mtp[layer + "mlp.experts.5.down_proj.weight"]
+    )
+
+
+def test_llama_cpp_mtp_logits_match_the_transformers_reference(
+    hf_case: Callable[..., HfCase], hf_tokenizer: Any
+) -> None:
+    """The converted head, run by llama.cpp's MTP context, predicts what the same weights predict when run
+    with transformers' modules (tiny_hf.reference_mtp_logits): the conversion keeps the head's meaning."""
+    from tiny_hf import reference_mtp_logits
+
+    from bindings.mtp import MtpDrafter, SimpleTarget, free_model, load_model
+    from bindings.protocol import BatchEntry
+
+    case = hf_case("qwen3next", mtp=True)
+    token_ids = hf_tokenizer.encode(PROMPT).ids
+    expected = reference_mtp_logits(case.model, token_ids)
+    assert top1_margins(expected).min() > 1e-3
+
+    model = load_model(case.gguf_f32, load_mtp=True)
+    target = SimpleTarget(model)
+    drafter = MtpDrafter(model, target.ctx, mtp_loaded=True, exact=True)
+    try:
+        target.decode(token_ids, 0)
+        actual = drafter.observe_with_logits([BatchEntry(0, tuple(token_ids), 0, True)])
+    finally:
+        drafter.close()
+        target.close()
+        free_model(model)
+
+    assert actual.shape == expected.shape
+    assert relative_error(actual, expected) < TOLERANCE
+    assert (actual.argmax(-1) == expected.argmax(-1)).all()
+
+
+def test_no_mtp_leaves_the_head_out(hf_case: Callable[..., HfCase], tmp_path: Path) -> None:
+    case, plain = hf_case("qwen3next", mtp=True), hf_case("qwen3next")
+    summary = convert_checkpoint(case.hf_dir, tmp_path / "out.gguf", out_type="f32", mtp=False)
+
+    assert summary.n_mtp_layers == 0
+    assert summary.skipped == tuple(sorted(case.model.mtp_weights))
+    assert sorted(_tensors(tmp_path / "out.gguf")) == sorted(_tensors(plain.gguf_f32))
+    reader = gguf.GGUFReader(tmp_path / "out.gguf")
+    assert _field(reader, "qwen3next.block_count") == 4
+    assert "qwen3next.nextn_predict_layers" not in reader.fields
+
+
+def test_an_incomplete_mtp_head_is_refused_unless_left_out(hf_case: Callable[..., HfCase], tmp_path: Path) -> None:
     case = hf_case("qwen3next")
     with_mtp = tmp_path / "with-mtp"
     shutil.copytree(case.hf_dir, with_mtp)
     save_file({"mtp.fc.weight": np.zeros((256, 512), np.float32)}, with_mtp / "model-mtp.safetensors")
 
-    summary = convert_checkpoint(with_mtp, tmp_path / "out.gguf", out_type="f32")
+    with pytest.raises(ConversionError, match=r"MTP head is incomplete .*--no-mtp"):
+        convert_checkpoint(with_mtp, tmp_path / "out.gguf", out_type="f32")
+    _assert_nothing_written(tmp_path / "out.gguf")
 
+    summary = convert_checkpoint(with_mtp, tmp_path / "out.gguf", out_type="f32", mtp=False)
     assert summary.skipped == ("mtp.fc.weight",)
     assert summary.n_tensors == case.summary.n_tensors
 
@@ -319,4 +409,13 @@ def test_cli_gguf_reports_in_one_line(tmp_path: Path, hf_case: Callable[[str], H
     done = run(str(hf_case("llama").hf_dir), str(tmp_path / "llama.gguf"), "--outtype", "f16")
     assert done.returncode == 0, done.stderr
     assert "llama, 21 tensors" in done.stdout
+
+    mtp_dir = hf_case("qwen3next", mtp=True).hf_dir
+    kept = run(str(mtp_dir), str(tmp_path / "mtp.gguf"), "--outtype", "f32")
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout.rstrip().endswith("MTP layers 1")
+    dropped = run(str(mtp_dir), str(tmp_path / "no-mtp.gguf"), "--outtype", "f32", "--no-mtp")
+    assert dropped.returncode == 0, dropped.stderr
+    assert "MTP" not in dropped.stdout
+    assert not any(".nextn." in name for name in _tensors(tmp_path / "no-mtp.gguf"))
     assert _tensors(tmp_path / "llama.gguf")["blk.0.attn_q.weight"].tensor_type == gguf.GGMLQuantizationType.F16

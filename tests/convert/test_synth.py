@@ -81,6 +81,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, monk
         ({"arch": "qwen3next", "n_layers": 3}, "qwen3next needs n_layers >= 4"),
         ({"arch": "llama", "n_layers": 0}, "n_layers must be at least 1"),
         ({"arch": "qwen3", "legacy_ssm_in": True}, "qwen3next only"),
+        ({"arch": "qwen3moe", "mtp": True}, "MTP head is written for qwen3next only"),
     ],
 )
 def test_bad_arguments_are_refused_before_writing(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:
@@ -191,6 +192,33 @@ def test_attention_architectures(tmp_path: Path, arch: str) -> None:
         assert _ne(tensors["blk.1.ffn_up.weight"]) == (64, 128)
         assert _ne(tensors["blk.1.ffn_down.weight"]) == (128, 64)
     assert ("blk.1.attn_q_norm.weight" in tensors) == (arch != "llama")
+
+
+def test_qwen3next_mtp_head_is_laid_out_as_llama_cpp_loads_it(tmp_path: Path) -> None:
+    path = write_synthetic_model("qwen3next", tmp_path / "mtp.gguf", mtp=True)
+    assert write_synthetic_model("qwen3next", tmp_path / "again.gguf", mtp=True).read_bytes() == path.read_bytes()
+    reader = gguf.GGUFReader(path)
+    tensors = _tensors(reader)
+    plain = _tensors(gguf.GGUFReader(write_synthetic_model("qwen3next", tmp_path / "plain.gguf")))
+
+    assert _field(reader, "qwen3next.block_count") == 5
+    assert _field(reader, "qwen3next.nextn_predict_layers") == 1
+    added = {name for name in tensors if name not in plain}
+    nextn = {f"blk.4.nextn.{n}.weight" for n in ("eh_proj", "enorm", "hnorm", "shared_head_norm")}
+    # The MTP block is the trunk's full-attention block (layer 3) under the next index, plus the projections.
+    assert added == {name.replace("blk.3.", "blk.4.") for name in plain if name.startswith("blk.3.")} | nextn
+    assert _ne(tensors["blk.4.nextn.eh_proj.weight"]) == (128, 64)  # {2 * n_embd, n_embd}
+    assert _ne(tensors["blk.4.attn_q.weight"]) == _ne(tensors["blk.3.attn_q.weight"])
+    eh_proj = np.asarray(tensors["blk.4.nextn.eh_proj.weight"].data).reshape(64, 128)
+    np.testing.assert_array_equal(eh_proj[:, :64], np.eye(64))  # the token's embedding passes through
+    assert 0 < np.abs(eh_proj[:, 64:]).max() < 0.3  # the target's state counts, a little
+    np.testing.assert_array_equal(
+        tensors["blk.4.nextn.shared_head_norm.weight"].data, tensors["output_norm.weight"].data
+    )
+    # The trunk's residual writers are damped (a nearly bigram model the head can predict), the rest is as is.
+    damped = np.abs(tensors["blk.0.ssm_out.weight"].data).mean() / np.abs(plain["blk.0.ssm_out.weight"].data).mean()
+    assert damped == pytest.approx(0.15, rel=1e-3)
+    np.testing.assert_array_equal(tensors["blk.0.attn_qkv.weight"].data, plain["blk.0.attn_qkv.weight"].data)
 
 
 def test_n_layers_adds_layers_without_changing_the_others(tmp_path: Path) -> None:

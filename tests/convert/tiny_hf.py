@@ -8,6 +8,12 @@ tiny random models mislead a comparison (see the facts file):
 - Qwen3-Next's decay (A_log, dt_bias) is slowed so the recurrent state carries across the whole prompt
   instead of being forgotten after a token;
 - norm weights get noise so a missing or doubled +1 shift changes the logits.
+
+transformers' Qwen3-Next ignores the checkpoint's multi-token-prediction head (`mtp.*`), so `write_checkpoint`
+adds one itself with `mtp=True`, under the names of the released checkpoint, and `reference_mtp_logits`
+computes what the head predicts with transformers' own decoder layer and norm (the inference recipe of
+vLLM's qwen3_next_mtp and of llama.cpp: fc(concat(norm_e(embed(token at p)), norm_h(target state at p - 1)))
+→ one decoder layer → norm → the shared LM head).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import transformers
+from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from bindings.llama_backend import LlamaBackend, LlamaBackendConfig
@@ -151,13 +158,95 @@ def build_model(arch: str, seed: int = 0) -> Any:
     return model
 
 
-def write_checkpoint(arch: str, directory: Path, tokenizer: Tokenizer, *, dtype: torch.dtype = torch.float32) -> Any:
-    """Save a tiny `arch` checkpoint with the tokenizer into `directory`; return the (f32) model."""
+def write_checkpoint(
+    arch: str, directory: Path, tokenizer: Tokenizer, *, dtype: torch.dtype = torch.float32, mtp: bool = False
+) -> Any:
+    """Save a tiny `arch` checkpoint with the tokenizer into `directory`; return the (f32) model.
+
+    mtp (qwen3next): add an MTP head in model-mtp.safetensors; `model.mtp_weights` holds it (f32)."""
     directory.mkdir(parents=True, exist_ok=True)
     model = build_model(arch)
     model.to(dtype).save_pretrained(directory)
     write_tokenizer(directory, tokenizer)
-    return model.to(torch.float32)
+    model = model.to(torch.float32)
+    if mtp:
+        weights = mtp_weights(model)
+        save_file({k: v.to(dtype).contiguous() for k, v in weights.items()}, str(directory / "model-mtp.safetensors"))
+        model.mtp_weights = {k: v.to(dtype).float() for k, v in weights.items()}
+    return model
+
+
+MTP_LAYER_SOURCE = 3  # the tiny qwen3next's full-attention layer: the MTP layer has its structure
+
+
+def mtp_weights(model: Any, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random MTP head weights named as in Qwen/Qwen3-Next-80B-A3B-*: a full-attention MoE decoder layer
+    (`mtp.layers.0.*`, shaped like the trunk's layer 3 but with its own values) and the head's projections."""
+    generator = torch.Generator().manual_seed(seed)
+    n_embd = int(model.config.hidden_size)
+    weights: dict[str, torch.Tensor] = {}
+    for name, value in model.model.layers[MTP_LAYER_SOURCE].state_dict().items():
+        noise = torch.randn(value.shape, generator=generator)
+        spread = value.float().std() if value.numel() > 1 else torch.tensor(0.1)
+        weights[f"mtp.layers.0.{name}"] = value.float() + noise * spread  # same scale, different values
+    # The released checkpoint stores the MTP layer's experts one by one (newer transformers fuse them).
+    gate_up = weights.pop("mtp.layers.0.mlp.experts.gate_up_proj")
+    down = weights.pop("mtp.layers.0.mlp.experts.down_proj")
+    n_ff = gate_up.shape[1] // 2
+    for expert in range(gate_up.shape[0]):
+        prefix = f"mtp.layers.0.mlp.experts.{expert}."
+        weights[prefix + "gate_proj.weight"] = gate_up[expert, :n_ff].clone()
+        weights[prefix + "up_proj.weight"] = gate_up[expert, n_ff:].clone()
+        weights[prefix + "down_proj.weight"] = down[expert].clone()
+    weights["mtp.fc.weight"] = torch.randn((n_embd, 2 * n_embd), generator=generator) / float(np.sqrt(2 * n_embd))
+    for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        weights[f"mtp.{name}.weight"] = torch.randn(n_embd, generator=generator) * 0.1  # offsets from 1
+    return weights
+
+
+def reference_mtp_logits(model: Any, token_ids: Sequence[int]) -> npt.NDArray[np.float32]:
+    """The MTP head's logits at every position p of `token_ids` (a prediction of token p + 2), fed the
+    token at p and the target's final-norm state at p - 1 (zeros at p = 0, as llama.cpp starts)."""
+    import copy
+
+    from transformers.models.qwen3_next import modeling_qwen3_next as qwen3_next
+
+    weights = model.mtp_weights
+    config = model.config
+    ids = torch.tensor([list(token_ids)])
+    n = len(token_ids)
+
+    def norm(name: str) -> Any:
+        module = qwen3_next.Qwen3NextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        module.weight.data.copy_(weights[f"mtp.{name}.weight"])
+        return module
+
+    layer = copy.deepcopy(model.model.layers[MTP_LAYER_SOURCE])
+    prefix = "mtp.layers.0."
+    state = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix) and ".experts." not in k}
+    n_expert = int(config.num_experts)
+    experts = [f"{prefix}mlp.experts.{i}." for i in range(n_expert)]
+    state["mlp.experts.gate_up_proj"] = torch.stack(
+        [torch.cat([weights[e + "gate_proj.weight"], weights[e + "up_proj.weight"]]) for e in experts]
+    )
+    state["mlp.experts.down_proj"] = torch.stack([weights[e + "down_proj.weight"] for e in experts])
+    layer.load_state_dict(state)
+    with torch.no_grad():
+        states = model.model(ids).last_hidden_state[0]  # after the final norm
+        before = torch.cat([torch.zeros_like(states[:1]), states[:-1]])
+        embedded = model.model.embed_tokens(ids)[0]
+        joined = torch.cat([norm("pre_fc_norm_embedding")(embedded), norm("pre_fc_norm_hidden")(before)], dim=-1)
+        hidden = (joined @ weights["mtp.fc.weight"].T)[None]
+        positions = torch.arange(n)[None]
+        causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
+        hidden = layer(
+            hidden,
+            position_embeddings=model.model.rotary_emb(hidden, positions),
+            attention_mask=causal,
+            position_ids=positions,
+        )
+        logits = model.lm_head(norm("norm")(hidden))[0]
+    return np.asarray(logits.float().numpy(), dtype=np.float32)
 
 
 def reference_logits(model: Any, token_ids: Sequence[int]) -> npt.NDArray[np.float32]:

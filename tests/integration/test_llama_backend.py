@@ -512,3 +512,44 @@ def test_a_lazy_grammar_holds_from_its_trigger_on(clean: LlamaBackend) -> None:
 def test_a_grammar_llama_cpp_rejects_is_a_backend_error(clean: LlamaBackend) -> None:
     with pytest.raises(BackendError, match="grammar could not be compiled"):
         clean.new_sampler(0, SamplingParams(grammar="root ::= undefined-rule"))
+
+
+def test_drafted_positions_have_the_logits_of_decoding_them_one_by_one(clean: LlamaBackend) -> None:
+    """Speculative decoding's entry: [pending, d1..dk] with logits at every position (n_logits = k + 1)."""
+    backend = clean
+    prompt = tokens_of(backend, PROMPTS[0])
+    first = int(np.argmax(prefill(backend, 0, prompt)))
+    drafts = tokens_of(backend, " Paris, the city")[1:4]
+    one_by_one = [step(backend, 0, token, len(prompt) + i) for i, token in enumerate((first, *drafts))]
+    backend.apply([CacheOp("truncate", slot=0, n_keep=len(prompt))])
+    backend.decode([BatchEntry(0, (first, *drafts), len(prompt), True, n_logits=len(drafts) + 1)])
+    for index, expected in enumerate(one_by_one):
+        assert np.array_equal(backend.logits(index), expected)
+
+
+def test_hybrid_model_rolls_drafts_back_to_its_checkpoint(tiny_qwen3next_gguf: Path) -> None:
+    """A rejected draft on qwen3next: checkpoint (recurrent state only) before the speculative decode, rollback
+    after, then the accepted tokens decoded again give exactly the logits of never having drafted."""
+    config = LlamaBackendConfig(
+        n_slots=1, n_ctx_per_slot=256, n_threads=2, type_k="f32", type_v="f32", flash_attn="off"
+    )
+    hybrid = LlamaBackend(tiny_qwen3next_gguf, config)
+    try:
+        prompt = tokens_of(hybrid, "Hello, world! How are you today?")
+        accepted, rejected, correction = (11, 12), (13, 14, 15), 20
+        prefill(hybrid, 0, prompt)
+        hybrid.decode([BatchEntry(0, (*accepted, correction), len(prompt), True)])
+        expected = hybrid.logits(len(accepted))
+        hybrid.apply([CacheOp("clear", slot=0)])
+        prefill(hybrid, 0, prompt)
+        hybrid.apply([CacheOp("checkpoint", slot=0)])
+        hybrid.decode([BatchEntry(0, accepted + rejected, len(prompt), True, n_logits=5)])
+        drafted = hybrid.logits(4)
+        hybrid.apply([CacheOp("rollback", slot=0, n_keep=len(prompt))])
+        hybrid.decode([BatchEntry(0, (*accepted, correction), len(prompt), True)])
+        assert np.array_equal(hybrid.logits(len(accepted)), expected)
+        assert not np.allclose(drafted, expected, atol=1e-3), "the test tells the two histories apart"
+        with pytest.raises(BackendError, match="partial removal"):
+            hybrid.apply([CacheOp("truncate", slot=0, n_keep=len(prompt))])
+    finally:
+        hybrid.close()

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Sequence_
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
 
-from bindings.protocol import BackendError, SamplingParams
+from bindings.protocol import BackendError, BatchEntry, Drafter, DraftRequest, SampledToken, SamplingParams
 from server.engine.fake_backend import EOS, FakeBackend, FakeBackendConfig
 from server.engine.request import FinishReason, Request
 from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, common_prefix_length
 from server.engine.sequence import Sequence, StepEvent
+from server.engine.speculation import SpeculationConfig, verify_draft
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 TOKEN_BYTES = FakeBackendConfig().state_bytes_per_token  # what one cached token's state takes in the fake
@@ -30,6 +33,8 @@ class Harness:
         partial: bool = True,
         cache_bytes: int = 0,
         state_bytes_fixed: int = 0,
+        drafter: Drafter | None = None,
+        speculation: SpeculationConfig | None = None,
     ) -> None:
         self.backend = FakeBackend(
             FakeBackendConfig(
@@ -48,9 +53,11 @@ class Harness:
                 supports_partial_removal=partial,
                 snapshot_min_tokens=4,
                 prompt_cache_bytes=cache_bytes,
+                speculation=speculation or (SpeculationConfig() if drafter is not None else None),
             ),
             self.backend,
             self.backend.state_size,
+            drafter,
         )
         self.n_seq = 0
         self.plans: list[StepPlan] = []
@@ -76,7 +83,7 @@ class Harness:
             self.backend.apply(plan.ops)
             if plan.entries:
                 self.backend.decode(plan.entries)
-            sampled = {seq.seq_id: self.backend.sample(seq.seq_id, i, seq.request.params) for seq, i in plan.samples}
+            sampled = {seq.seq_id: self._sample(plan, seq, i) for seq, i in plan.samples}
             prompt_logprobs = {
                 seq.seq_id: self.backend.prompt_logprobs(entry.slot)
                 for entry, seq in zip(plan.entries, plan.entry_sequences, strict=True)
@@ -92,6 +99,14 @@ class Harness:
         self.plans.append(plan)
         self.events += events
         return plan
+
+    def _sample(self, plan: StepPlan, seq: Sequence, index: int) -> SampledToken | list[SampledToken]:
+        """As the engine: a speculating sequence is verified position by position (verify_draft)."""
+        params = seq.request.params
+        draft = plan.drafts.get(seq.seq_id)
+        if draft is None:
+            return self.backend.sample(seq.seq_id, index, params)
+        return verify_draft(draft, lambda i: self.backend.sample(seq.seq_id, index + i, params))
 
     def run(self, max_steps: int = 500) -> None:
         for _ in range(max_steps):
@@ -752,3 +767,185 @@ def test_a_one_token_prompt_has_no_prompt_logprobs() -> None:
     assert event.finish_reason is FinishReason.LENGTH and event.prompt_logprobs == ()
     assert all(not e.logprob_targets for plan in h.plans for e in plan.entries)
     assert request.prompt_logprobs == 5
+
+
+# --- speculative decoding --------------------------------------------------------------------------------
+
+
+class OracleDrafter:
+    """Drafts what the fake model's greedy sampler will pick next, wrong on purpose at `wrong_at` (a draft
+    position) every `wrong_every`-th call: the scheduler must then emit exactly what it emits without drafts."""
+
+    name = "oracle"
+
+    def __init__(self, backend: FakeBackend, *, wrong_every: int = 0, wrong_at: int = 0) -> None:
+        self.backend = backend
+        self.wrong_every = wrong_every
+        self.wrong_at = wrong_at
+        self.n_calls = 0
+        self.forgotten: list[int] = []
+        self.requests: list[DraftRequest] = []
+
+    def draft(self, requests: Sequence_[DraftRequest]) -> list[tuple[int, ...]]:
+        drafts = []
+        for request in requests:
+            self.n_calls += 1
+            self.requests.append(request)
+            draft = self.backend.greedy_continuation([*request.prompt, *request.output], request.n_max)
+            if self.wrong_every and self.n_calls % self.wrong_every == 0:
+                position = min(self.wrong_at, len(draft) - 1)
+                draft[position] = ord("#") if draft[position] != ord("#") else ord("%")
+            drafts.append(tuple(draft))
+        return drafts
+
+    def forget(self, key: int) -> None:
+        self.forgotten.append(key)
+
+    def observe(self, entries: Sequence_[BatchEntry]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+SPEC = SpeculationConfig(draft_max=4, draft_min=1, max_step_tokens=16)
+LONG = replace(GREEDY, max_tokens=24)
+
+
+def spec_harness(wrong_every: int = 0, wrong_at: int = 0, spec: SpeculationConfig = SPEC, **kwargs: Any) -> Harness:
+    h = Harness(**kwargs)
+    h.scheduler._drafter = OracleDrafter(h.backend, wrong_every=wrong_every, wrong_at=wrong_at)
+    h.scheduler.config = replace(h.scheduler.config, speculation=spec)
+    return h
+
+
+def drafted_entries(h: Harness) -> list[Any]:
+    return [e for plan in h.plans for e in plan.entries if e.n_logits > 1]
+
+
+@pytest.mark.parametrize("partial", [True, False])
+@pytest.mark.parametrize(("wrong_every", "wrong_at"), [(0, 0), (1, 0), (2, 1), (3, 3)])
+def test_speculation_gives_exactly_the_tokens_of_plain_decoding(partial: bool, wrong_every: int, wrong_at: int) -> None:
+    h = spec_harness(wrong_every, wrong_at, partial=partial)
+    request = h.submit("speculate on this", LONG)
+    h.run()
+    assert h.text(request) == alone("speculate on this", LONG, partial=partial)
+    assert h.finish(request) is FinishReason.LENGTH
+    counters = h.scheduler.counters
+    assert drafted_entries(h) and counters.n_draft_tokens > 0
+    if wrong_every != 1 or wrong_at > 0:
+        assert counters.n_draft_accepted > 0
+    if wrong_every == 0:
+        assert counters.n_draft_accepted == counters.n_draft_tokens
+        assert len(h.plans) < 24 // 2, "right drafts: several tokens per step"
+    assert h.scheduler.slots[0].cached_tokens == h.backend.slot_tokens(0) or h.scheduler.has_work
+
+
+@pytest.mark.parametrize("partial", [True, False])
+def test_rejected_drafts_leave_the_slot_with_exactly_the_accepted_tokens(partial: bool) -> None:
+    h = spec_harness(wrong_every=1, wrong_at=2, partial=partial)
+    h.submit("abcdef", LONG)
+    h.run()
+    kinds = {op.kind for plan in h.plans for op in plan.ops}
+    if partial:
+        assert "truncate" in kinds and "checkpoint" not in kinds
+    else:
+        assert {"checkpoint", "rollback"} <= kinds and "truncate" not in kinds
+        replays = [e for e in drafted_entries(h) if e.tokens[0] != e.tokens[-e.n_logits]]
+        assert replays, "after a rollback the accepted tokens are decoded again before the new pending token"
+    assert h.scheduler.slots[0].cached_tokens == h.backend.slot_tokens(0)
+
+
+def test_a_stop_string_inside_an_accepted_run_ends_the_output_where_plain_decoding_does() -> None:
+    reference = alone("stop inside", LONG)
+    stop = reference[9:11]
+    params = replace(LONG, stop=(stop,))
+    h = spec_harness()
+    request = h.submit("stop inside", params)
+    h.run()
+    assert h.text(request) == alone("stop inside", params) == reference[:9]
+    assert h.finish(request) is FinishReason.STOP
+    assert drafted_entries(h), "the stop string landed inside a drafted run"
+    assert h.scheduler.counters.n_generated_tokens < 24
+
+
+@pytest.mark.parametrize("max_tokens", [2, 5, 7, 10])
+def test_max_tokens_inside_an_accepted_run_is_exact(max_tokens: int) -> None:
+    params = replace(GREEDY, max_tokens=max_tokens)
+    h = spec_harness()
+    request = h.submit("bounded", params)
+    h.run()
+    assert h.text(request) == alone("bounded", params)
+    assert sum(len(e.token_ids) for e in h.events) == max_tokens
+    assert all(e.n_logits - 1 <= max_tokens - 2 for e in drafted_entries(h)), "never drafts past max_tokens"
+
+
+def test_generation_at_the_context_end_is_exact_with_drafts() -> None:
+    params = replace(GREEDY, max_tokens=None)
+    h = spec_harness(n_ctx=24)
+    request = h.submit("0123456789", params)
+    h.run()
+    assert h.text(request) == alone("0123456789", params, n_ctx=24)
+    assert max(e.start_pos + len(e.tokens) for p in h.plans for e in p.entries) <= 24
+
+
+@pytest.mark.parametrize("partial", [True, False])
+def test_a_mixed_batch_of_speculating_prefilling_and_plain_slots(partial: bool) -> None:
+    h = spec_harness(
+        wrong_every=2, wrong_at=1, spec=replace(SPEC, max_step_tokens=32), budget=32, n_ctx=128, partial=partial
+    )
+    first = h.submit("first stream", LONG)
+    plain = Request(tuple(b"plain stream"), replace(LONG, speculative=False))
+    h.scheduler.add([Sequence(h.n_seq, plain, 0)])
+    h.n_seq += 1
+    h.step()
+    h.step()
+    late = h.submit("a late and long prompt that is prefilled in chunks beside the others", LONG)
+    h.run()
+    for request, prompt in ((first, "first stream"), (plain, "plain stream")):
+        assert h.text(request) == alone(prompt, LONG, n_ctx=128, budget=32, partial=partial)
+    late_prompt = "a late and long prompt that is prefilled in chunks beside the others"
+    assert h.text(late) == alone(late_prompt, LONG, n_ctx=128, budget=32, partial=partial)
+    mixed = [p for p in h.plans if p.drafts and any(len(e.tokens) > 5 and e.n_logits == 1 for e in p.entries)]
+    assert mixed, "drafts and a prefill chunk shared a decode"
+    drafter = h.scheduler._drafter
+    assert isinstance(drafter, OracleDrafter)
+    assert drafter.requests and all(r.key != 1 for r in drafter.requests), "the opted-out request never drafts"
+
+
+def test_seeded_sampling_gives_the_same_tokens_with_drafts() -> None:
+    params = SamplingParams(temperature=0.7, seed=11, max_tokens=20)
+    h = spec_harness(wrong_every=2, wrong_at=0)
+    request = h.submit("sampled", params)
+    h.run()
+    assert h.text(request) == alone("sampled", params)
+    assert h.scheduler.counters.n_draft_tokens > 0
+
+
+def test_no_drafts_when_the_step_is_already_big() -> None:
+    h = spec_harness(spec=replace(SPEC, max_step_tokens=4), n_slots=4)
+    prompts = {"one": 6, "two": 8, "three": 10, "four": 30}  # prompt → max_tokens: the streams end one by one
+    requests = [h.submit(prompt, replace(GREEDY, max_tokens=n)) for prompt, n in prompts.items()]
+    h.run()
+    assert h.scheduler.counters.n_draft_tokens > 0, "drafts once only some slots decode"
+    full_steps = [p for p in h.plans[1:] if len(p.entries) == 4]  # after the prefill: four decoding slots
+    assert full_steps and all(p.n_tokens == 4 and not p.drafts for p in full_steps), "four slots leave no spare"
+    for request, (prompt, n) in zip(requests, prompts.items(), strict=True):
+        assert h.text(request) == alone(prompt, replace(GREEDY, max_tokens=n))
+
+
+def test_a_slot_whose_drafts_miss_backs_off_and_probes_again() -> None:
+    h = spec_harness(wrong_every=1, wrong_at=0)  # every draft is wrong from its first token
+    h.submit("misses", replace(GREEDY, max_tokens=50))
+    h.run()
+    drafting_steps = len(drafted_entries(h))
+    assert 2 <= drafting_steps <= 12, f"{drafting_steps} drafting steps of {len(h.plans)}: backs off, probes again"
+    assert h.scheduler.counters.n_draft_accepted == 0
+
+
+def test_finished_sequences_are_forgotten_by_the_drafter() -> None:
+    h = spec_harness()
+    h.submit("forget me", replace(GREEDY, max_tokens=6))
+    h.run()
+    drafter = h.scheduler._drafter
+    assert isinstance(drafter, OracleDrafter) and drafter.forgotten == [0]

@@ -9,6 +9,10 @@ const STORE = "qwen3-local.conversations";
 const CURRENT = "qwen3-local.current";
 const WARN_AT = 0.75;
 const RETRIES = 4;
+// Back-off without Retry-After: 1, 2, 4, 8 s. A Retry-After longer than MAX_WAIT_S is shown, not waited out:
+// nobody should watch a page sit still for minutes.
+const MAX_BACKOFF_S = 8;
+const MAX_WAIT_S = 60;
 const $ = (id) => document.getElementById(id);
 
 let api;
@@ -177,14 +181,30 @@ function describe(error) {
   return error.message;
 }
 
+// Resolves after ms; rejects with an AbortError at once when Stop aborts the signal (before or during the wait).
 const sleep = (ms, signal) =>
   new Promise((resolve, reject) => {
-    const timer = setTimeout(resolve, ms);
-    signal.addEventListener("abort", () => {
+    const aborted = () => reject(new DOMException("Aborted", "AbortError"));
+    if (signal.aborted) return aborted();
+    const timer = setTimeout(() => {
+      signal.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    const onAbort = () => {
       clearTimeout(timer);
-      reject(new DOMException("Aborted", "AbortError"));
-    });
+      aborted();
+    };
+    signal.addEventListener("abort", onAbort, { once: true });
   });
+
+// Seconds to wait before trying again, or null when this error is not worth retrying: only a 429 or 503 that
+// came before the answer started (nothing shown yet), at most RETRIES times, never past MAX_WAIT_S.
+function retryDelay(error, attempt, started) {
+  const transient = error instanceof ApiError && (error.status === 429 || error.status === 503);
+  if (!transient || started || attempt >= RETRIES) return null;
+  const wait = error.retryAfter ?? Math.min(2 ** attempt, MAX_BACKOFF_S);
+  return wait <= MAX_WAIT_S ? wait : null;
+}
 
 async function complete() {
   const assistant = { role: "assistant", content: "", reasoning: "", tool_calls: [] };
@@ -233,9 +253,8 @@ async function complete() {
         showError("");
         break;
       } catch (error) {
-        const retry = error instanceof ApiError && (error.status === 429 || error.status === 503) && !started;
-        if (!retry || attempt >= RETRIES) throw error;
-        const wait = error.retryAfter ?? 2 ** attempt;
+        const wait = retryDelay(error, attempt, started);
+        if (wait === null) throw error;
         showError(`${describe(error)} Retrying in ${wait} s…`);
         await sleep(wait * 1000, signal);
       }
@@ -243,7 +262,8 @@ async function complete() {
   } catch (error) {
     if (error.name === "AbortError") assistant.note = "Stopped.";
     else {
-      showError(describe(error));
+      const later = error.retryAfter ? ` Try again in ${error.retryAfter} s.` : "";
+      showError(describe(error) + later);
       if (error.status === 401) onUnauthorized();
       if (!assistant.content && !assistant.reasoning) {
         current.messages.pop();

@@ -1,0 +1,345 @@
+"""Speculative decoding, measured: our n-gram speculation against our server without it and against llama.cpp's
+own llama-server with its n-gram speculation, on the same prompts (issue 13's speed goals).
+
+Workloads (SmolLM2 by default, 2 threads, greedy, chat completions):
+- repetitive: "repeat this passage" prompts, one stream: n-grams hit. Goals: ours with n-gram ≥ 1.5× ours
+  without, and ≥ 1.0× llama-server with --spec-type ngram-simple.
+- chat: the varied prompts of bench/prompts.json at 1 and 16 concurrent streams: n-grams rarely hit. Goals:
+  speculation on costs ≤ 3% at 1 stream, and ≥ 0.97× speculation off at 16 (the adaptive rule backs off).
+
+Each round starts every server once, in alternating order (the machine's noise hits all of them alike), and
+runs every workload against it; figures are medians over the rounds. Ours reports its acceptance rate
+(/metrics). Run it on a quiet machine:
+
+    python -m bench.speculation --rounds 3 [--json out.json]
+    python -m bench.speculation --rounds 1 --max-tokens 16 --chat-requests 2 --servers off,ngram   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.process import ServerSpec, exit_on_termination, run_server
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+PROMPTS_FILE = Path(__file__).with_name("prompts.json")
+SERVERS = ("off", "ngram", "llama-ngram")
+# llama-server's n-gram speculation closest to ours (prompt lookup in the sequence's own tokens).
+DEFAULT_LLAMA_SPEC_ARGS = "--spec-type ngram-simple"
+PASSAGES = (
+    "The old lighthouse stood at the edge of the cliff, its white paint peeling in the salt wind. Every night "
+    "the keeper climbed the spiral stairs, trimmed the wick, and watched the beam sweep across the dark water. "
+    "Ships passed far out, their lights small and steady, and none of them ever knew his name.",
+    "def merge_sorted(left, right):\n    result = []\n    i = j = 0\n    while i < len(left) and j < len(right):\n"
+    "        if left[i] <= right[j]:\n            result.append(left[i])\n            i += 1\n        else:\n"
+    "            result.append(right[j])\n            j += 1\n    result.extend(left[i:])\n"
+    "    result.extend(right[j:])\n    return result\n",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make glucose "
+    "and oxygen. It takes place mainly in the leaves, inside small structures called chloroplasts, which contain "
+    "the green pigment chlorophyll that absorbs light energy.",
+    "Dear team, thank you all for your hard work this quarter. We shipped the new search page, cut the page load "
+    "time in half, and closed more than two hundred support tickets. Please join us on Friday at four for cake.",
+)
+
+
+class SpeculationBenchError(RuntimeError):
+    """Bad arguments or a server that could not be started; printed as one line."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    model: str
+    model_path: Path
+    threads: int
+    parallel: int
+    ctx_per_slot: int
+    max_tokens: int
+    chat_requests: int  # per concurrency level
+    chat_streams: tuple[int, ...]
+    rounds: int
+    servers: tuple[str, ...]
+    llama_spec_args: tuple[str, ...]
+    draft_max: int
+
+
+@dataclass(frozen=True)
+class WorkloadResult:
+    server: str
+    workload: str  # repetitive-1, chat-1, chat-16, ...
+    round_index: int
+    completion_tokens: int
+    seconds: float
+    acceptance: float | None = None  # ours with speculation: accepted / drafted during this workload
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class BenchReport:
+    settings: dict[str, Any]
+    results: list[WorkloadResult] = field(default_factory=list)
+
+    def median(self, server: str, workload: str) -> float | None:
+        values = [r.tokens_per_second for r in self.results if r.server == server and r.workload == workload]
+        return statistics.median(values) if values else None
+
+    def acceptance(self, workload: str) -> float | None:
+        values = [r.acceptance for r in self.results if r.workload == workload and r.acceptance is not None]
+        return statistics.median(values) if values else None
+
+    def ratios(self) -> dict[str, float | None]:
+        """The issue's four speed ratios (None where a server was not run)."""
+        return {
+            "repetitive: ngram / off (goal >= 1.5)": _ratio(
+                self.median("ngram", "repetitive-1"), self.median("off", "repetitive-1")
+            ),
+            "repetitive: ngram / llama-server ngram (goal >= 1.0)": _ratio(
+                self.median("ngram", "repetitive-1"), self.median("llama-ngram", "repetitive-1")
+            ),
+            **{
+                f"chat {n} streams: ngram / off (goal >= 0.97)": _ratio(
+                    self.median("ngram", f"chat-{n}"), self.median("off", f"chat-{n}")
+                )
+                for n in self._chat_levels()
+            },
+        }
+
+    def _chat_levels(self) -> list[int]:
+        return sorted({int(r.workload.split("-")[1]) for r in self.results if r.workload.startswith("chat-")})
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def repetitive_prompts() -> list[str]:
+    return [f"Repeat the following text exactly, word for word, and nothing else.\n\n{text}" for text in PASSAGES]
+
+
+def chat_prompts() -> list[str]:
+    return list(json.loads(PROMPTS_FILE.read_text())["prompts"])
+
+
+def ours_spec(settings: BenchSettings, spec_type: str, port: int) -> ServerSpec:
+    command = (
+        sys.executable, "-m", "server",
+        "--model", settings.model,
+        "--host", HOST,
+        "--port", str(port),
+        "--threads", str(settings.threads),
+        "--parallel", str(settings.parallel),
+        "--ctx-size", str(settings.ctx_per_slot),
+        "--spec-type", spec_type,
+        "--draft-max", str(settings.draft_max),
+    )  # fmt: skip
+    name = "ours-" + spec_type
+    return ServerSpec(name, command, f"http://{HOST}:{port}/v1", f"http://{HOST}:{port}/health", cwd=REPO_ROOT)
+
+
+def llama_spec(settings: BenchSettings, port: int) -> ServerSpec:
+    from bench.llama_server import LlamaServerSettings, ensure_llama_server, llama_server_spec, this_cpu_has_amx
+
+    return llama_server_spec(
+        LlamaServerSettings(
+            binary=ensure_llama_server(),
+            model_path=settings.model_path,
+            port=port,
+            threads=settings.threads,
+            parallel=settings.parallel,
+            ctx_size=settings.ctx_per_slot * settings.parallel,  # llama-server's --ctx-size is the total
+            no_repack=this_cpu_has_amx(),
+            extra_args=settings.llama_spec_args,
+        )
+    )
+
+
+def server_spec(settings: BenchSettings, server: str, port: int) -> ServerSpec:
+    if server == "llama-ngram":
+        return llama_spec(settings, port)
+    return ours_spec(settings, "none" if server == "off" else "ngram", port)
+
+
+async def complete(
+    client: httpx.AsyncClient, base_url: str, model: str, prompt: str, max_tokens: int, ignore_eos: bool
+) -> int:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "ignore_eos": ignore_eos,
+    }
+    response = await client.post(f"{base_url}/chat/completions", json=body)
+    response.raise_for_status()
+    return int(response.json()["usage"]["completion_tokens"])
+
+
+async def run_workload(
+    base_url: str, prompts: Sequence[str], streams: int, max_tokens: int, ignore_eos: bool
+) -> tuple[int, float]:
+    """Every prompt once, `streams` at a time; (completion tokens, wall seconds)."""
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for prompt in prompts:
+        queue.put_nowait(prompt)
+    total = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal total
+        while not queue.empty():
+            prompt = queue.get_nowait()
+            total += await complete(client, base_url, model, prompt, max_tokens, ignore_eos)
+
+    async with httpx.AsyncClient(timeout=600.0, trust_env=False) as client:
+        model = (await client.get(f"{base_url}/models")).json()["data"][0]["id"]  # the served name
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(streams)))
+        return total, time.perf_counter() - started
+
+
+def spec_counters(base_url: str) -> tuple[float, float] | None:
+    """Ours: (drafted, accepted) tokens so far, from /metrics; None for a server without them."""
+    try:
+        text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=10.0, trust_env=False).text
+    except httpx.HTTPError:
+        return None
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in ("qwen3_local_spec_draft_tokens_total", "qwen3_local_spec_accepted_tokens_total"):
+            if line.startswith(name):
+                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    if len(values) < 2:
+        return None
+    return values["qwen3_local_spec_draft_tokens_total"], values["qwen3_local_spec_accepted_tokens_total"]
+
+
+def workloads(settings: BenchSettings) -> list[tuple[str, list[str], int, bool]]:
+    """(name, prompts, streams, ignore_eos) of every workload."""
+    chat = chat_prompts()
+    result = [("repetitive-1", repetitive_prompts(), 1, False)]
+    for streams in settings.chat_streams:
+        n = settings.chat_requests * streams
+        result.append((f"chat-{streams}", [chat[i % len(chat)] for i in range(n)], streams, True))
+    return result
+
+
+def run_round(settings: BenchSettings, round_index: int, port: int) -> list[WorkloadResult]:
+    order = settings.servers if round_index % 2 == 0 else tuple(reversed(settings.servers))
+    results = []
+    for server in order:
+        with run_server(server_spec(settings, server, port)) as running:
+            base_url = running.spec.base_url
+            for name, prompts, streams, ignore_eos in workloads(settings):
+                before = spec_counters(base_url)
+                tokens, seconds = asyncio.run(run_workload(base_url, prompts, streams, settings.max_tokens, ignore_eos))
+                after = spec_counters(base_url)
+                acceptance = None
+                if before is not None and after is not None and after[0] > before[0]:
+                    acceptance = (after[1] - before[1]) / (after[0] - before[0])
+                result = WorkloadResult(server, name, round_index, tokens, seconds, acceptance)
+                print(
+                    f"round {round_index + 1} {server:12s} {name:13s} {result.tokens_per_second:8.1f} tok/s"
+                    + (f"  acceptance {acceptance:.2f}" if acceptance is not None else ""),
+                    flush=True,
+                )
+                results.append(result)
+    return results
+
+
+def format_report(report: BenchReport) -> str:
+    lines = []
+    names = sorted({r.workload for r in report.results})
+    servers = sorted({r.server for r in report.results})
+    lines.append(f"{'workload':14s}" + "".join(f"{s:>14s}" for s in servers) + "   acceptance (ours, ngram)")
+    for name in names:
+        cells = "".join(f"{(report.median(s, name) or 0):14.1f}" for s in servers)
+        acceptance = report.acceptance(name)
+        lines.append(f"{name:14s}{cells}   {acceptance:.2f}" if acceptance is not None else f"{name:14s}{cells}")
+    for label, value in report.ratios().items():
+        lines.append(f"{label}: {value:.3f}" if value is not None else f"{label}: n/a")
+    return "\n".join(lines)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.speculation", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="models.yaml name or .gguf path")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parallel", type=int, default=16)
+    parser.add_argument("--ctx-size", type=int, default=1024, help="context per slot")
+    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--chat-requests", type=int, default=4, help="chat requests per stream at each level")
+    parser.add_argument("--chat-streams", default="1,16", help="comma-separated concurrency levels")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--servers", default=",".join(SERVERS), help=f"a subset of {','.join(SERVERS)}")
+    parser.add_argument("--llama-spec-args", default=DEFAULT_LLAMA_SPEC_ARGS, help="llama-server's speculation flags")
+    parser.add_argument("--draft-max", type=int, default=8)
+    parser.add_argument("--port", type=int, default=8093)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    return parser.parse_args(argv)
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    from registry.models import RegistryError, resolve_model
+
+    servers = tuple(s.strip() for s in args.servers.split(",") if s.strip())
+    unknown = [s for s in servers if s not in SERVERS]
+    if unknown or not servers:
+        raise SpeculationBenchError(f"--servers takes a subset of {','.join(SERVERS)}, got {args.servers!r}")
+    try:
+        streams = tuple(int(s) for s in args.chat_streams.split(",") if s.strip())
+    except ValueError:
+        raise SpeculationBenchError(f"--chat-streams takes integers, got {args.chat_streams!r}") from None
+    try:
+        model_path = resolve_model(args.model).path
+    except RegistryError as exc:
+        raise SpeculationBenchError(str(exc)) from exc
+    return BenchSettings(
+        model=args.model,
+        model_path=Path(model_path),
+        threads=args.threads,
+        parallel=args.parallel,
+        ctx_per_slot=args.ctx_size,
+        max_tokens=args.max_tokens,
+        chat_requests=args.chat_requests,
+        chat_streams=streams,
+        rounds=args.rounds,
+        servers=servers,
+        llama_spec_args=tuple(shlex.split(args.llama_spec_args)),
+        draft_max=args.draft_max,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        exit_on_termination()
+        report = BenchReport(settings={k: str(v) for k, v in asdict(settings).items()})
+        for round_index in range(settings.rounds):
+            report.results += run_round(settings, round_index, args.port)
+    except (SpeculationBenchError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json:
+        body = {"settings": report.settings, "results": [asdict(r) for r in report.results], "ratios": report.ratios()}
+        args.json.write_text(json.dumps(body, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
