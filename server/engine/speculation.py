@@ -52,6 +52,11 @@ class SpeculationConfig:
     # A slot whose acceptance (running average) falls below this, or below what a verified token costs
     # relative to a decode step as the engine measures it (SmolLM2 on 2 CPU threads: ~0.5), backs off.
     min_acceptance: float = 0.3
+    # ... and below the acceptance at which a draft of draft_min tokens is expected to emit this much more per
+    # step than its cost in step time (break_even_acceptance). 0.1 of margin, because drafting also costs what
+    # the model of a verified token's cost leaves out: with the bare break-even (acceptance > cost) the chat
+    # prompts of bench/speculation.py ran at acceptance 0.6 and 0.88-0.95x of speculation off, single stream.
+    min_gain: float = 0.1
     backoff_max_steps: int = 32  # longest pause after repeated misses before the slot probes again
     ema_weight: float = 0.2  # weight of the newest verification in a slot's running acceptance
     # The k-th draft token is only worth verifying while it is likely to be reached: acceptance ** k above this,
@@ -83,7 +88,7 @@ class SpecStats:
         self.n_accepted += n_accepted
         rate = n_accepted / n_drafted
         self.acceptance += config.ema_weight * (rate - self.acceptance)
-        bar = max(config.min_acceptance, token_cost)
+        bar = max(config.min_acceptance, break_even_acceptance(token_cost, config.draft_min, config.min_gain))
         if n_accepted == 0 or self.acceptance < bar:
             # Exponential back-off, then a re-probe: the text may turn repetitive later (a quoted passage).
             self.n_misses += 1
@@ -108,6 +113,24 @@ class SpecStats:
             self.skip_steps -= 1
             return False
         return True
+
+
+def break_even_acceptance(token_cost: float, n_draft: int, min_gain: float) -> float:
+    """The acceptance a above which drafting n_draft tokens pays by min_gain: the tokens it emits per step,
+    1 + a + ... + a^n (each draft token is reached only if all before it were accepted, and the step always
+    emits one), against the step time it takes, 1 + n * token_cost, must reach 1 + min_gain. inf: it never pays."""
+    need = (1.0 + min_gain) * (1.0 + n_draft * token_cost)
+
+    def emitted(acceptance: float) -> float:
+        return sum(acceptance**i for i in range(n_draft + 1))
+
+    if emitted(1.0) < need:
+        return math.inf
+    low, high = 0.0, 1.0
+    for _ in range(30):  # emitted() rises with the acceptance: bisect to ~1e-9
+        middle = (low + high) / 2
+        low, high = (middle, high) if emitted(middle) < need else (low, middle)
+    return high
 
 
 def verify_draft(draft: Sequence[int], sample_at: Callable[[int], SampledToken]) -> list[SampledToken]:

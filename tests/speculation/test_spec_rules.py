@@ -12,7 +12,13 @@ import pytest
 
 from bindings.protocol import BatchEntry, DraftRequest, SampledToken, SamplingParams
 from server.engine.fake_backend import FakeBackend, FakeBackendConfig
-from server.engine.speculation import NgramDrafter, SpecStats, SpeculationConfig, verify_draft
+from server.engine.speculation import (
+    NgramDrafter,
+    SpecStats,
+    SpeculationConfig,
+    break_even_acceptance,
+    verify_draft,
+)
 from tests.speculation.stats import chi2_quantile, homogeneity
 
 
@@ -160,3 +166,21 @@ def test_the_loader_builds_the_drafter_the_settings_name() -> None:
     not_loaded_for_mtp: Any = SimpleNamespace(config=SimpleNamespace(load_mtp=False))
     with pytest.raises(BackendError, match="MTP block"):  # an MTP context on such a model aborts the process
         build_drafter(Settings(spec_type="mtp"), not_loaded_for_mtp)
+
+
+def test_the_break_even_acceptance_is_where_a_short_draft_pays_by_the_margin() -> None:
+    # two draft tokens at half a step each: (1 + a + a^2) / 2 = 1.1 → a^2 + a - 1.2 = 0 → a = 0.6954
+    assert break_even_acceptance(0.5, 2, 0.1) == pytest.approx((-1 + math.sqrt(1 + 4.8)) / 2, abs=1e-6)
+    assert break_even_acceptance(0.0, 2, 0.0) == pytest.approx(0.0, abs=1e-6), "free verification always pays"
+    assert break_even_acceptance(1.2, 2, 0.1) == math.inf, "3 tokens for 3.4 steps: never"
+
+
+def test_a_chat_like_acceptance_backs_off_where_verifying_costs_half_a_step() -> None:
+    """Acceptance 0.6 at half a step per verified token: 2 drafts emit 1.96 tokens for 2 steps' time: a loss."""
+    config = SpeculationConfig()
+    chat, repetitive = SpecStats(), SpecStats()
+    for stats, accepted in ((chat, 6), (repetitive, 9)):
+        for _ in range(10):
+            stats.record(10, accepted, config, token_cost=0.5)
+    assert chat.n_misses > 0 and chat.skip_steps > 0
+    assert repetitive.n_misses == 0 and repetitive.wants_draft()
