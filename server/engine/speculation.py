@@ -93,7 +93,8 @@ class SpecStats:
             # Exponential back-off, then a re-probe: the text may turn repetitive later (a quoted passage).
             self.n_misses += 1
             self.skip_steps = min(config.backoff_max_steps, 2**self.n_misses)
-            self.acceptance = max(self.acceptance, bar)  # the re-probe starts from the bar
+            # the re-probe starts from the bar (at most 1: an infinite bar, never paying, would poison the average)
+            self.acceptance = max(self.acceptance, min(bar, 1.0))
         else:
             self.n_misses = 0
 

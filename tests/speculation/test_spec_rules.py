@@ -184,3 +184,15 @@ def test_a_chat_like_acceptance_backs_off_where_verifying_costs_half_a_step() ->
             stats.record(10, accepted, config, token_cost=0.5)
     assert chat.n_misses > 0 and chat.skip_steps > 0
     assert repetitive.n_misses == 0 and repetitive.wants_draft()
+
+
+def test_a_verification_that_can_never_pay_backs_off_and_keeps_the_average_finite() -> None:
+    """A verified token costing more than a step (a slow drafter): every verification backs off further, and the
+    running acceptance stays a number that draft_length can use (an infinite bar once made it NaN)."""
+    config = SpeculationConfig(backoff_max_steps=8)
+    stats = SpecStats()
+    for _ in range(5):
+        stats.record(4, 4, config, token_cost=2.0)
+        assert math.isfinite(stats.acceptance) and 0.0 <= stats.acceptance <= 1.0
+        assert config.draft_min <= stats.draft_length(config, token_cost=2.0) <= config.draft_max
+    assert stats.n_misses == 5 and stats.skip_steps == 8
