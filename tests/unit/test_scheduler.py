@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bindings.protocol import BackendError, BatchEntry, Drafter, DraftRequest, SampledToken, SamplingParams
-from server.engine.fake_backend import EOS, FakeBackend, FakeBackendConfig
+from server.engine.fake_backend import CONTROL_TEXT, EOS, FakeBackend, FakeBackendConfig
 from server.engine.request import FinishReason, Request
 from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan, common_prefix_length
 from server.engine.sequence import Sequence, StepEvent
@@ -349,16 +349,19 @@ def test_end_of_generation_token_stops_unless_ignored() -> None:
 
 def test_n_choices_share_one_prefill_and_differ_when_sampled() -> None:
     h = Harness(n_slots=4)
-    params = SamplingParams(temperature=1.5, max_tokens=8, seed=None)
+    # The control tokens (end of generation among them) are banned: a random seed may not end a choice early.
+    no_control = {token: -100.0 for token in CONTROL_TEXT}
+    params = SamplingParams(temperature=1.5, max_tokens=8, seed=None, logit_bias=no_control)
     request = h.submit("shared prompt", params, n=3)
     h.run()
     prefill_entries = [e for p in h.plans for e in p.entries if len(e.tokens) > 1]
     assert len(prefill_entries) == 1, "the prompt is computed once"
     copies = [op for p in h.plans for op in p.ops if op.kind == "copy"]
     assert sorted((op.src, op.slot) for op in copies) == [(0, 1), (0, 2)]
-    texts = {h.text(request, i) for i in range(3)}
-    assert all(len(t) == 8 for t in texts)
-    assert len(texts) > 1
+    events = [e for e in h.events if e.sequence.request is request]
+    choices = [tuple(t for e in events if e.sequence.choice_index == i for t in e.token_ids) for i in range(3)]
+    assert all(len(tokens) == 8 for tokens in choices)
+    assert len(set(choices)) > 1
     for i in range(3):
         assert h.finish(request, i) is FinishReason.LENGTH
 
