@@ -152,10 +152,15 @@ def llama_server_rpc_spec(
 
 
 def decode_rate(base_url: str, n_tokens: int) -> tuple[int, float]:
-    """One streamed completion of n_tokens (EOS ignored): (tokens seen, decode tokens per second)."""
+    """One streamed completion of n_tokens (EOS ignored): (tokens generated, decode tokens per second).
+
+    The count comes from the usage chunk: our server hands quick steps' tokens over together
+    (--stream-interval-ms), so an event may hold several tokens; a choice's first token is always sent alone,
+    and the last event comes with the last token, so the decode rate is (tokens - 1) / (last event - first)."""
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": n_tokens, "temperature": 0, "stream": True}
-    body["ignore_eos"] = True
+    body |= {"ignore_eos": True, "stream_options": {"include_usage": True}}
     stamps: list[float] = []
+    n_generated: int | None = None
     with (
         httpx.Client(timeout=600, trust_env=False) as client,
         client.stream("POST", base_url + "/completions", json=body) as response,
@@ -163,12 +168,16 @@ def decode_rate(base_url: str, n_tokens: int) -> tuple[int, float]:
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                choices = json.loads(line[6:]).get("choices") or []
+                chunk = json.loads(line[6:])
+                choices = chunk.get("choices") or []
                 if choices and choices[0].get("text"):
                     stamps.append(time.perf_counter())
+                if chunk.get("usage"):
+                    n_generated = int(chunk["usage"]["completion_tokens"])
+    n_generated = n_generated if n_generated is not None else len(stamps)
     if len(stamps) < 2:
-        raise RuntimeError(f"{base_url}: fewer than 2 tokens streamed")
-    return len(stamps), (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        raise RuntimeError(f"{base_url}: fewer than 2 events streamed")
+    return n_generated, (n_generated - 1) / (stamps[-1] - stamps[0])
 
 
 def ensure_rpc_llama_server(cache_root: Path | None = None, jobs: int = DEFAULT_BUILD_JOBS) -> Path:

@@ -202,7 +202,9 @@ async def run_workload(
         nonlocal total
         while not queue.empty():
             prompt = queue.get_nowait()
-            total += await complete(client, base_url, model, prompt, max_tokens, ignore_eos)
+            # not `total += await ...`: that reads `total` before the await, losing the other workers' counts
+            n_tokens = await complete(client, base_url, model, prompt, max_tokens, ignore_eos)
+            total += n_tokens
 
     async with httpx.AsyncClient(timeout=600.0, trust_env=False) as client:
         model = (await client.get(f"{base_url}/models")).json()["data"][0]["id"]  # the served name
@@ -286,7 +288,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--servers", default=",".join(SERVERS), help=f"a subset of {','.join(SERVERS)}")
     parser.add_argument("--llama-spec-args", default=DEFAULT_LLAMA_SPEC_ARGS, help="llama-server's speculation flags")
-    parser.add_argument("--draft-max", type=int, default=8)
+    parser.add_argument("--draft-max", type=int, default=16)
     parser.add_argument("--port", type=int, default=8093)
     parser.add_argument("--json", type=Path, help="write the results here")
     return parser.parse_args(argv)

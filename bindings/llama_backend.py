@@ -632,6 +632,11 @@ class LlamaBackend:
             raise BackendError(f"the grammar could not be compiled: {failure_detail(self._log_capture.drain())}")
         return GrammarGate(grammar)
 
+    def set_threads(self, n_threads: int) -> None:
+        """llama_set_n_threads: generation and batch threads alike (a shared core's count is one number)."""
+        self._check_open()
+        llama.llama_set_n_threads(self._ctx, n_threads, n_threads)
+
     def free_sampler(self, sampler_id: int) -> None:
         self._greedy_biases.pop(sampler_id, None)
         self._shortlists.pop(sampler_id, None)

@@ -22,8 +22,16 @@ from offload.gguf_shape import GgufError, KvType, ModelShape, read_model_shape
 from offload.hardware import HardwareError, HardwareProfile, detect, parse_size, with_overrides
 from offload.joint import JointMember, JointPlan, plan_joint
 from offload.placement import placement_for
-from offload.planner import DoesNotFitError, PlanError, PlanRequest, plan, ram_margin
-from offload.rpc import RpcPlanError, default_ctx, local_budget_of, parse_rpc_device, plan_rpc
+from offload.planner import DoesNotFitError, PlanError, PlanRequest, gpu_name, plan, ram_margin
+from offload.rpc import (
+    DEFAULT_UBATCH,
+    RpcPlanError,
+    default_ctx,
+    local_budget_of,
+    local_gpu,
+    parse_rpc_device,
+    plan_rpc,
+)
 from offload.table import render_joint_table, render_table
 from registry.models import RegistryError, resolve_model
 
@@ -95,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--rpc-device",
         action="append",
         metavar="NAME:SIZE[@LINK][+LATENCY]",
-        help="plan whole layers over this machine's RAM and an RPC worker with SIZE free (repeat, in --rpc order), "
-        "e.g. gpu-box:16GiB@10Gbit+0.2ms (see offload/rpc.py)",
+        help="plan whole layers over this machine's RAM and GPUs (detected, or --gpu) and an RPC worker with SIZE "
+        "free (repeat, in --rpc order), e.g. gpu-box:16GiB@10Gbit+0.2ms (see offload/rpc.py)",
     )
     plan_parser.add_argument("--refresh-hardware", action="store_true", help="re-measure the RAM bandwidth")
     return parser
@@ -142,12 +150,29 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_rpc_plan(args: argparse.Namespace, shape: ModelShape, hardware: HardwareProfile) -> int:
-    """--rpc-device: whole layers over this machine's RAM and the workers (offload/rpc.py)."""
+    """--rpc-device: whole layers over this machine's RAM, its GPUs and the workers (offload/rpc.py)."""
     workers = [parse_rpc_device(text) for text in args.rpc_device]
     budget = local_budget_of(shape, hardware.ram_available_bytes, ram_margin(hardware.ram_total_bytes))
     kv_type = KvType(args.kv_type) if args.kv_type else KvType.F16
     ctx = args.ctx or default_ctx(shape)
-    result = plan_rpc(shape, workers, local_budget_bytes=budget, ctx=ctx, parallel=args.parallel, kv_type=kv_type)
+    # the profile's GPUs (detected, or --gpu) take the last layers (offload/rpc.py)
+    gpus = [
+        local_gpu(
+            gpu_name(index),
+            gpu,
+            shape,
+            ctx=ctx,
+            parallel=args.parallel,
+            kv_type=kv_type,
+            n_ubatch=args.ubatch or DEFAULT_UBATCH,
+            n_batch=args.batch,
+            margin_bytes=parse_size(args.gpu_margin) if args.gpu_margin else None,
+        )
+        for index, gpu in enumerate(hardware.gpus)
+    ]
+    result = plan_rpc(
+        shape, workers, local_budget_bytes=budget, ctx=ctx, parallel=args.parallel, kv_type=kv_type, gpus=gpus
+    )
     print(json.dumps(result.to_json(), indent=2) if args.json else result.render())
     return 0
 

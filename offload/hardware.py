@@ -465,16 +465,23 @@ def _visible_device(entry: str, enumerated: Sequence[NvmlGpu]) -> CudaDevice | N
     return candidates[0] if len(candidates) == 1 else None
 
 
+def is_rpc_device(device: BackendDevice) -> bool:
+    """A llama.cpp RPC worker's device (RPC0, RPC1, ...: ggml-rpc names them so), which ggml's registry lists as
+    a GPU once registered: another machine's memory, never one of this machine's GPUs."""
+    return device.name.upper().startswith("RPC")
+
+
 def reconcile_gpus(
     cuda_devices: Sequence[CudaDevice], backend_devices: Sequence[BackendDevice]
 ) -> tuple[tuple[GpuInfo, ...], tuple[str, ...]]:
-    """The GPUs of llama.cpp's registry, in its order (the order it assigns layers and tensor_split shares
-    in), named and sized as llama.cpp reports them; NVML, matched by PCI bus id, adds the memory bandwidth
-    and PCIe link. Returns (gpus, disagreements): each way NVML's view (in CUDA's order) differs."""
+    """The GPUs of llama.cpp's registry (not the RPC workers' devices: is_rpc_device), in its order (the order
+    it assigns layers and tensor_split shares in), named and sized as llama.cpp reports them; NVML, matched by
+    PCI bus id, adds the memory bandwidth and PCIe link. Returns (gpus, disagreements): each way NVML's view
+    (in CUDA's order) differs."""
     problems: list[str] = []
     gpus: list[GpuInfo] = []
     n_cuda = 0
-    for device in (d for d in backend_devices if d.kind in GPU_DEVICE_KINDS):
+    for device in (d for d in backend_devices if d.kind in GPU_DEVICE_KINDS and not is_rpc_device(d)):
         bus = pci_bus_id(device.device_id) if device.device_id else None
         match: CudaDevice | None = None
         if device.name.upper().startswith("CUDA"):

@@ -21,11 +21,12 @@ from server.api.errors import CatchUnexpectedErrors, document_openai_errors, ins
 from server.api.state import ServerState, app_server_state
 from server.audit.capture import AuditMiddleware
 from server.auth.snapshot import Auth
+from server.engine.core_share import CoreShare
 from server.engine.engine import Engine
 from server.fleet.admission import MIB, Admission, JointAdmission, MemoryBudget, default_budget_bytes
 from server.fleet.fleet import EngineBuilder
 from server.fleet.slot import ModelSlot
-from server.fleet.spec import ModelSpec, model_specs
+from server.fleet.spec import ModelSpec, model_specs, physical_cores
 from server.metrics import CountRequests
 from server.rpc.failover import RpcFailover, app_failover
 from server.settings import Settings
@@ -41,10 +42,21 @@ def served_model_id(settings: Settings) -> str:
     return model_specs(settings)[0].id
 
 
-def _build_engine(spec: ModelSpec, slot: ModelSlot) -> Engine:
-    from server.boot.loader import build_engine  # deferred: it imports llama.cpp, which loads slowly
+def _llama_builder(core_share: CoreShare) -> EngineBuilder:
+    """Builds each model's engine through llama.cpp; the models that split the cores share `core_share`."""
 
-    return build_engine(spec.settings, observer=slot, planned=slot.planned)
+    def build(spec: ModelSpec, slot: ModelSlot) -> Engine:
+        from server.boot.loader import build_engine  # deferred: it imports llama.cpp, which loads slowly
+
+        share = core_share if spec.shares_cores else None
+        return build_engine(spec.settings, observer=slot, planned=slot.planned, core_share=share)
+
+    return build
+
+
+def _core_share() -> CoreShare:
+    """The cores the served models split (server/fleet/spec.py gives each its share to start with)."""
+    return CoreShare(physical_cores())
 
 
 def _default_admission(settings: Settings, specs: list[ModelSpec]) -> Admission:
@@ -105,7 +117,7 @@ def create_app(
     `app.state.server.load_error`); `on_load_failure(message)`, called on the event loop, lets the CLI stop the
     server instead. `admission` decides what fits in memory; `clock` (tests) times keep_alive."""
     specs = model_specs(settings)
-    builder = engine_builder or _build_engine
+    builder = engine_builder or _llama_builder(_core_share())
     if engine_factory is not None:
         factory = engine_factory
         builder = _default_from(factory, specs[0].id, builder)

@@ -42,6 +42,7 @@ from offload.table import render_table
 from offload.verify import BufferCheck, check, expected_buffers
 from registry.models import ResolvedModel, load_registry
 from server.boot.bufts_probe import ProbeVerdict, resolve_use_extra_bufts
+from server.engine.core_share import CoreShare
 from server.engine.engine import Engine, EngineConfig
 from server.engine.speculation import NgramDrafter, SpeculationConfig
 from server.rpc.boot import memory_check as rpc_memory_check
@@ -141,6 +142,7 @@ def engine_config(settings: Settings, n_batch: int, prompt_cache_bytes: int = 0)
         prefix_reuse=settings.prefix_reuse,
         prompt_cache_bytes=prompt_cache_bytes,
         speculation=speculation_config(settings),
+        stream_interval_s=settings.stream_interval_ms / 1000.0,
     )
 
 
@@ -271,10 +273,16 @@ def offload_backend_config(offload_plan: Plan, verdict: ProbeVerdict) -> LlamaBa
     return LlamaBackendConfig(**kwargs)
 
 
-def build_engine(settings: Settings, observer: LoadObserver | None = None, planned: Plan | None = None) -> Engine:
+def build_engine(
+    settings: Settings,
+    observer: LoadObserver | None = None,
+    planned: Plan | None = None,
+    core_share: CoreShare | None = None,
+) -> Engine:
     """Resolve (download), probe, (plan,) load. Slow (seconds to hours): the app runs it off the event loop.
     `planned`: with --auto-offload, the model's share of a joint plan for several models (server/fleet), used
-    instead of planning the model alone on the whole machine."""
+    instead of planning the model alone on the whole machine. `core_share`: the cores it splits with the other
+    served models' engines."""
     model = resolve_settings_model(settings, observer)
     verdict = resolve_use_extra_bufts(settings.extra_bufts, cache_dir=settings.cache_dir)
     log.info("extra buffer types: %s (%s)", "on" if verdict.use_extra_bufts else "off", verdict.reason)
@@ -320,7 +328,7 @@ def build_engine(settings: Settings, observer: LoadObserver | None = None, plann
         "spec_type": settings.spec_type,
         **(asdict(engine.speculation) if engine.speculation else {}),
     }
-    return Engine(backend, engine, load_report=report, embedder=embedder, drafter=drafter)
+    return Engine(backend, engine, load_report=report, embedder=embedder, drafter=drafter, core_share=core_share)
 
 
 def embeddings_wanted(settings: Settings) -> bool:

@@ -29,7 +29,9 @@ from bindings.protocol import (
     TokenLogprob,
     Vocab,
 )
+from server.engine.core_share import CoreShare
 from server.engine.embedding_queue import EmbeddingJob, EmbeddingQueue
+from server.engine.event_buffer import TokenEventBuffer
 from server.engine.request import Request, TokenEvent
 from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from server.engine.sequence import Sequence, StepEvent
@@ -56,6 +58,7 @@ class EngineConfig:
     prompt_cache_bytes: int = 0  # RAM for past slot states kept for later requests with the same prefix (0: off)
     idle_poll_s: float = 0.5  # how often an idle engine thread re-checks deadlines
     speculation: SpeculationConfig | None = None  # speculative decoding (needs a drafter); None: off
+    stream_interval_s: float = 0.0  # hand tokens to the event loop at most this often (event_buffer.py); 0: each step
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,13 @@ class Engine:
         load_report: Mapping[str, Any] | None = None,
         embedder: Embedder | None = None,
         drafter: Drafter | None = None,
+        core_share: CoreShare | None = None,
     ) -> None:
-        """`drafter`: speculative decoding's (with config.speculation); the engine closes it when it stops."""
+        """`drafter`: speculative decoding's (with config.speculation); the engine closes it when it stops.
+        `core_share`: the CPU threads this engine shares with other models' engines (core_share.py)."""
         self.config = config or EngineConfig()
+        self._core_share = core_share
+        self._n_threads: int | None = None  # what the backend was last told (core_share); None: as loaded
         self.load_report = load_report  # how the model was loaded (the offload plan, its memory check), for GET /plan
         self._backend = backend
         self._embedder = embedder  # None: embeddings are off (POST /v1/embeddings says how to turn them on)
@@ -208,6 +215,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, RequestStream] = {}  # touched only on the event loop thread
+        self._outbox = TokenEventBuffer(self.config.stream_interval_s)  # touched only on the engine thread
+        self._last_step_seconds = 0.0  # the engine thread's previous step, wall time
         self._abandoned: Callable[[], ApiError] | None = None  # set by abandon(), on the event loop thread
         self._seq_ids = itertools.count()
         self._lock = threading.Lock()  # guards the counters below, shared by both threads
@@ -422,22 +431,47 @@ class Engine:
                 log.exception("engine step failed; failing the running requests")
                 self._fail_everything("internal error in the engine step")
         self._fail_everything("server shutting down")
+        self._release_cores()
         if self._embedding_queue is not None:
             self._embedding_queue.fail_all(ServiceUnavailableError("server shutting down"))
 
     def _step(self) -> None:
+        started = time.monotonic()
         events = self._drain_inbox()
-        events += self._scheduler.expire(time.monotonic())
+        events += self._scheduler.expire(started)
         plan = self._scheduler.schedule()
         if plan.empty:
-            self._publish(events)
+            self._publish(events, idle=True)
             if not self._embed_once():
+                self._release_cores()
                 self._wait_for_work()
             return
+        self._claim_cores()
+        if len(self._outbox) and (plan.ops or plan.n_tokens > len(plan.entries)):
+            self._publish([], idle=True)  # memory ops, prefill or drafts make this step long: nothing waits for it
         events += self._execute(plan)
         self._publish(events)
+        self._last_step_seconds = time.monotonic() - started
         # At most one embedding decode between two chat steps: a running stream waits one decode at most.
         self._embed_once()
+
+    def _claim_cores(self) -> None:
+        """With other engines on the same cores: decode on this engine's share of them now."""
+        if self._core_share is None:
+            return
+        n_threads = self._core_share.claim(id(self))
+        if n_threads == self._n_threads:
+            return
+        try:
+            self._backend.set_threads(n_threads)
+        except BackendError as exc:  # the decode still runs, on the threads it had
+            log.warning("could not set %d threads: %s", n_threads, exc)
+            return
+        self._n_threads = n_threads
+
+    def _release_cores(self) -> None:
+        if self._core_share is not None:
+            self._core_share.release(id(self))
 
     def _embed_once(self) -> bool:
         """Run the next embedding decode, if any is waiting; False when none was."""
@@ -446,6 +480,7 @@ class Engine:
         batch = self._embedding_queue.next_batch()
         if batch is None:
             return False
+        self._publish([], idle=True)  # held tokens do not wait for an embedding decode
         started = time.perf_counter()
         try:
             vectors = self._embedder.embed(batch.inputs)
@@ -570,7 +605,9 @@ class Engine:
         self._wakeup.wait(timeout)
         self._wakeup.clear()
 
-    def _publish(self, step_events: list[StepEvent]) -> None:
+    def _publish(self, step_events: list[StepEvent], *, idle: bool = False) -> None:
+        """Hand the step's events to the event loop, or hold them in the outbox until the stream interval is
+        up (`idle`: the engine sleeps or gives up next, so nothing may stay behind)."""
         for event in step_events:
             if event.finish_reason is not None:
                 self._backend.free_sampler(event.sequence.seq_id)
@@ -578,16 +615,19 @@ class Engine:
             self._n_waiting = self._scheduler.n_waiting + self._inbox.qsize()
             self._n_free_slots = self._scheduler.n_free_slots
             self._slot_statuses = self._read_slot_statuses()
-        if not step_events or self._loop is None:
+        if self._loop is None:
             return
-        token_events = [_token_event(event) for event in step_events]
+        self._outbox.add([_token_event(event) for event in step_events])
+        token_events = self._outbox.take(time.monotonic(), next_step_s=self._last_step_seconds, idle=idle)
+        if not token_events:
+            return
         try:
             self._loop.call_soon_threadsafe(self._dispatch, token_events)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             log.debug("event loop closed; dropping %d events", len(token_events))
 
     def _fail_everything(self, message: str) -> None:
-        self._publish(self._scheduler.fail_all(message))
+        self._publish(self._scheduler.fail_all(message), idle=True)
 
     def _read_slot_statuses(self) -> list[SlotStatus]:
         statuses = []

@@ -76,6 +76,7 @@ class FakeBackend:
         self._outputs: frozenset[int] = frozenset()  # rows of the last decode that have logits
         self._prompt_logprobs: dict[int, tuple[TokenLogprob, ...]] = {}  # by slot, from the last decode
         self.n_decode_calls = 0
+        self.thread_counts: list[int] = []  # every set_threads call, in order
         self.batches: list[tuple[BatchEntry, ...]] = []  # every decoded batch, for assertions
         self.ops: list[CacheOp] = []  # every memory op applied
         self.grammars: list[str] = []  # the grammar of every sampler built with one, in order
@@ -280,6 +281,11 @@ class FakeBackend:
             self.grammar_triggers.append(params.grammar_triggers)
         self._samplers[sampler_id] = np.random.default_rng(params.seed if params.seed is not None else None)
         self._penalty_history[sampler_id] = []
+
+    def set_threads(self, n_threads: int) -> None:
+        if n_threads < 1:
+            raise BackendError(f"need at least one thread, got {n_threads}")
+        self.thread_counts.append(n_threads)
 
     def free_sampler(self, sampler_id: int) -> None:
         self._samplers.pop(sampler_id, None)

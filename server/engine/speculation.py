@@ -44,11 +44,11 @@ class CacheFollower(Protocol):
 class SpeculationConfig:
     """When the scheduler drafts. Off (spec_type none, or no drafter) costs one attribute test per step."""
 
-    draft_max: int = 8  # most drafted tokens per slot and step
+    draft_max: int = 16  # most drafted tokens per slot and step
     draft_min: int = 2  # a shorter draft is not worth its verification: dropped
     # Drafting only while the step stays this small: on a CPU, verifying k more tokens is nearly free while the
     # batch is a few tokens (memory-bound), and costs like decoding them once it is compute-bound (16 streams).
-    max_step_tokens: int = 16
+    max_step_tokens: int = 17  # one slot's token and a full draft; 16 busy streams leave no room
     # A slot whose acceptance (running average) falls below this, or below what a verified token costs
     # relative to a decode step as the engine measures it (SmolLM2 on 2 CPU threads: ~0.5), backs off.
     min_acceptance: float = 0.3

@@ -33,6 +33,9 @@ class ModelSpec:
     keep_alive_s: float | None = None  # idle seconds before unloading; None: never
     priority: int = 0
     sampling_defaults: Mapping[str, float] = field(default_factory=dict)
+    # Its threads are a share of the cores split with the other served models (no --threads of its own): the
+    # share follows which engines have work (server/engine/core_share.py).
+    shares_cores: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -77,11 +80,15 @@ def _entries(settings: Settings) -> list[ServeEntry]:
     return [ServeEntry(model=registry.default, id=settings.served_model_name)]
 
 
+def physical_cores() -> int:
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
 def _threads(settings: Settings, n_models: int) -> int:
-    """Each engine's share of the physical cores, so that engines never oversubscribe them (2 models on 2 cores:
-    1 thread each); --threads (or an entry's own) wins."""
-    cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
-    return max(1, cores // max(1, n_models))
+    """Each engine's share of the physical cores to start with, so that engines never oversubscribe them (2
+    models on 2 cores: 1 thread each; while one has no work the other takes both: core_share.py); --threads (or
+    an entry's own) wins."""
+    return max(1, physical_cores() // max(1, n_models))
 
 
 def _keep_alive(entry: ServeEntry, settings: Settings, preload: bool) -> float | None:
@@ -102,9 +109,11 @@ def model_specs(settings: Settings) -> list[ModelSpec]:
     specs = []
     for index, (entry, model_id) in enumerate(zip(entries, ids, strict=True)):
         overrides: dict[str, Any] = {"model": [entry.model], "served_model_name": model_id}
+        own = entry.setting_overrides()
+        shares_cores = len(entries) > 1 and settings.threads is None and own.get("threads") is None
         if len(entries) > 1 and settings.threads is None:
             overrides["threads"] = _threads(settings, len(entries))
-        overrides.update(entry.setting_overrides())
+        overrides.update(own)
         loads_at_start = (
             entry.preload
             if entry.preload is not None
@@ -121,6 +130,7 @@ def model_specs(settings: Settings) -> list[ModelSpec]:
                 keep_alive_s=_keep_alive(entry, settings, loads_at_start),
                 priority=entry.priority,
                 sampling_defaults=sampling_defaults_for(settings, entry.model),
+                shares_cores=shares_cores,
             )
         )
     _check(specs, settings)

@@ -1,5 +1,6 @@
 """The main process's side of `--rpc`: check the workers before binding the port, register them as ggml
-devices before the model loads, and (with --auto-offload) plan whole layers over this machine and them."""
+devices before the model loads, and (with --auto-offload) plan whole layers over this machine (RAM and GPUs)
+and them."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from typing import Any
 
 import psutil
 
-from bindings.llama_backend import LlamaBackendConfig
+from bindings.devices import list_devices
+from bindings.llama_backend import LlamaBackendConfig, supports_gpu_offload
 from bindings.memory_report import MemoryReport
 from bindings.rpc import GgmlRpc, RpcError, exit_cleanly_when_a_worker_dies, parse_endpoint, probe, rpc_supported
 from offload.gguf_shape import GgufError, KvType, ModelShape, read_model_shape
-from offload.hardware import HardwareError
+from offload.hardware import GPU_DEVICE_KINDS, HardwareError, detect, is_rpc_device
 from offload.planner import ram_margin
-from offload.rpc import RpcDevice, RpcPlan, RpcPlanError, local_budget_of, parse_link, plan_rpc
+from offload.rpc import LocalGpu, RpcDevice, RpcPlan, RpcPlanError, local_budget_of, local_gpu, parse_link, plan_rpc
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,37 @@ def local_layer_budget(shape: ModelShape) -> int:
     return local_budget_of(shape, int(memory.available), ram_margin(int(memory.total)))
 
 
+def local_gpus(settings: Settings, shape: ModelShape, backend: LlamaBackendConfig) -> tuple[LocalGpu, ...]:
+    """This machine's GPUs as llama.cpp's registry lists them, in its order, each with its budget for layers
+    (offload.rpc.local_gpu). The workers' RPC devices, which the registry lists as GPUs too, are not counted
+    (offload.hardware.is_rpc_device); a CPU-only build has none, and then nothing else is probed."""
+    if not supports_gpu_offload():
+        return ()
+    devices = list_devices()
+    local = [d for d in devices if d.kind in GPU_DEVICE_KINDS and not is_rpc_device(d)]
+    if not local:
+        return ()
+    hardware = detect(cache_path=settings.cache_dir / "hardware.json", backend_devices=devices)
+    pairs = list(zip(local, hardware.gpus, strict=True))  # reconcile_gpus: one per such device, in order
+    if any(device.kind == "gpu" for device, _ in pairs):  # llama_prepare_model_devices: iGPUs only without GPUs
+        pairs = [(device, gpu) for device, gpu in pairs if device.kind == "gpu"]
+    kv_type = KvType(backend.type_k) if backend.type_k in {k.value for k in KvType} else KvType.F16
+    return tuple(
+        local_gpu(
+            device.name,
+            gpu,
+            shape,
+            ctx=backend.n_ctx_per_slot,
+            parallel=backend.n_slots,
+            kv_type=kv_type,
+            n_ubatch=backend.n_ubatch,
+            n_batch=backend.n_batch,
+            flash_attn=backend.flash_attn != "off",
+        )
+        for device, gpu in pairs
+    )
+
+
 def planned_backend(
     settings: Settings,
     model_path: Path,
@@ -116,8 +149,9 @@ def planned_backend(
     workers: tuple[RegisteredWorker, ...],
     report: dict[str, Any],
 ) -> LlamaBackendConfig:
-    """--auto-offload with --rpc: whole layers over this machine and the workers (offload/rpc.py); the rest of
-    the parameters as the settings say. RpcError when the model does not fit them all."""
+    """--auto-offload with --rpc: whole layers over this machine's RAM, the workers and this machine's GPUs
+    (offload/rpc.py); the rest of the parameters as the settings say. RpcError when the model does not fit
+    them all."""
     try:
         shape = read_model_shape(model_path)
         kv_type = KvType(backend.type_k) if backend.type_k in {k.value for k in KvType} else KvType.F16
@@ -128,6 +162,7 @@ def planned_backend(
             ctx=backend.n_ctx_per_slot,
             parallel=backend.n_slots,
             kv_type=kv_type,
+            gpus=local_gpus(settings, shape, backend),
         )
     except (GgufError, RpcPlanError) as exc:
         raise RpcError(f"cannot plan over the RPC workers: {exc}") from exc
@@ -137,13 +172,14 @@ def planned_backend(
 
 
 def apply_plan(backend: LlamaBackendConfig, rpc_plan: RpcPlan) -> LlamaBackendConfig:
-    """The llama.cpp parameters that realise the plan (zero shares for local GPUs, which come after the workers
-    in llama.cpp's device list)."""
+    """The llama.cpp parameters that realise the plan: tensor_split has one share per worker, then one per
+    local GPU (llama.cpp's model->devices order); op offload stays as set unless the plan rules it out."""
     return replace(
         backend,
         n_gpu_layers=rpc_plan.n_gpu_layers,
         tensor_split=rpc_plan.tensor_split,
         tensor_overrides=rpc_plan.tensor_overrides + backend.tensor_overrides,
+        op_offload=backend.op_offload and rpc_plan.op_offload,
     )
 
 
@@ -162,7 +198,8 @@ def report_workers(workers: tuple[RegisteredWorker, ...]) -> list[dict[str, Any]
 
 def memory_check(rpc_plan: dict[str, Any], memory: MemoryReport) -> list[dict[str, Any]]:
     """Each worker's planned weights and KV/recurrent state against what llama.cpp says it allocated there
-    (its buffers are named `RPC<n>[endpoint]`), for the load report (GET /plan: `rpc_memory_check`)."""
+    (its buffers are named `RPC<n>[endpoint]`), then each local GPU's (buffers named as the device, CUDA0...),
+    for the load report (GET /plan: `rpc_memory_check`)."""
     checks = []
     for worker in rpc_plan["workers"]:
         endpoint = worker["device"].rpartition("(")[2].rstrip(")")
@@ -180,4 +217,17 @@ def memory_check(rpc_plan: dict[str, Any], memory: MemoryReport) -> list[dict[st
                 "reported_state_bytes": reported_state,
             }
         )
-    return checks
+    return checks + [_local_gpu_check(gpu, memory) for gpu in rpc_plan.get("gpus", [])]
+
+
+def _local_gpu_check(gpu: dict[str, Any], memory: MemoryReport) -> dict[str, Any]:
+    """A local GPU's plan against its buffers. Its planned weights include, on the GPU with the output layer,
+    the output's whole share of the budget (weights and compute buffer growth): an upper bound there."""
+    name = gpu["device"]
+    return {
+        "device": name,
+        "planned_weight_bytes": gpu["weight_bytes"] + gpu["output_bytes"],
+        "reported_weight_bytes": memory.model_bytes.get(name, 0),
+        "planned_state_bytes": gpu["state_bytes"],
+        "reported_state_bytes": memory.kv_cache_bytes.get(name, 0) + memory.recurrent_state_bytes.get(name, 0),
+    }

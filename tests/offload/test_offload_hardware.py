@@ -20,6 +20,7 @@ from offload.hardware import (
     NvmlGpu,
     cuda_device_order,
     detect,
+    is_rpc_device,
     parse_bandwidth,
     parse_gpu_spec,
     parse_size,
@@ -208,11 +209,11 @@ def test_disagreements_with_nvml_are_reported_and_llama_cpp_wins() -> None:
         FakeDevice("RPC[10.0.0.2:50052]", "remote", "gpu", 4 * GIB, 4 * GIB, None),
     ]
     gpus, problems = reconcile_gpus(cuda, ggml)
-    # the GPUs are llama.cpp's, in its order; NVML's data is matched by PCI bus id, not position
+    # the GPUs are llama.cpp's, in its order; NVML's data is matched by PCI bus id, not position; the RPC
+    # worker's device is another machine's memory, not a local GPU (is_rpc_device)
     assert [(g.name, g.memory_bandwidth_bytes_per_s) for g in gpus] == [
         ("GPU slow", 288e9),
         ("GPU quick", 1008e9),
-        ("remote", DEFAULT_GPU_BANDWIDTH_BYTES_PER_S),
     ]
     assert problems == (
         "llama.cpp's CUDA0 is GPU slow at 0000:01:00.0, but NVML with CUDA_DEVICE_ORDER/CUDA_VISIBLE_DEVICES "
@@ -362,3 +363,17 @@ def test_nvml_fields_a_gpu_lacks_fall_back_but_other_errors_surface(
     FakeNvml([FAST], broken={"nvmlInit": RuntimeError("broken binding")}).install(monkeypatch)
     with pytest.raises(RuntimeError, match="broken binding"):
         detect(cache_path=hardware_cache)
+
+
+def test_local_gpu_detection_skips_the_workers_devices() -> None:
+    """After register_workers, ggml's registry lists each worker as a GPU-type device named RPC<n>."""
+    registry = [
+        FakeDevice("CPU", "AMD EPYC", "cpu", 100 * GIB, 120 * GIB, None),
+        FakeDevice("RPC0", "10.0.0.2:50052", "gpu", 16 * GIB, 16 * GIB, None),
+        FakeDevice("CUDA0", "NVIDIA RTX 4080", "gpu", 14 * GIB, 16 * GIB, "0000:01:00.0"),
+        FakeDevice("RPC1", "10.0.0.3:50052", "gpu", 8 * GIB, 8 * GIB, None),
+    ]
+    assert [is_rpc_device(device) for device in registry] == [False, True, False, True]
+    gpus, _ = reconcile_gpus((), registry)
+    assert [(gpu.name, gpu.free_bytes) for gpu in gpus] == [("NVIDIA RTX 4080", 14 * GIB)]
+    assert reconcile_gpus((), registry[:2]) == ((), ())  # a CPU-only build with a worker: no local GPU

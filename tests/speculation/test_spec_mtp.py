@@ -53,6 +53,7 @@ def mtp_settings(model: Path, tmp_path: Path, spec_type: str, **extra: Any) -> S
         draft_min=1,
         spec_max_step_tokens=64,
         prompt_cache_mib=16,
+        stream_interval_ms=0,  # one event per step: an event of one token shows a step without a draft
         cache_dir=tmp_path / "cache",
         data_dir=tmp_path / "data",
         **extra,

@@ -250,3 +250,32 @@ def test_every_token_reaches_its_stream_exactly_once() -> None:
             assert [event.finish_reason for event in events].count(FinishReason.LENGTH) == 1
 
     run_with_engine(body)
+
+
+def test_a_stream_interval_merges_quick_steps_but_never_delays_the_first_or_last_token() -> None:
+    # 5 ms steps and a 200 ms interval: the tokens after the first travel in groups of several steps; the text,
+    # the token count and the finish are the same as with every step handed over at once.
+    params = replace(GREEDY, max_tokens=24)
+
+    async def run(interval_s: float) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+
+        async def body(engine: Engine, backend: FakeBackend) -> None:
+            events.extend(await collect(engine, request("merge me ", params)))
+
+        await asyncio.to_thread(
+            run_with_engine,
+            body,
+            FakeBackendConfig(step_delay_s=0.005),
+            EngineConfig(max_batch_tokens=64, stream_interval_s=interval_s),
+        )
+        return events
+
+    each_step = asyncio.run(run(0.0))
+    merged = asyncio.run(run(0.200))  # wide, so that a loaded CI machine still merges
+    assert len(each_step) == 24, "one event per step without an interval"
+    assert text_of(merged) == text_of(each_step)
+    assert [t for e in merged for t in e.token_ids] == [t for e in each_step for t in e.token_ids]
+    assert merged[0].token_ids == each_step[0].token_ids, "the first token is handed over alone"
+    assert merged[-1].finish_reason == FinishReason.LENGTH and merged[-1].n_generated_tokens == 24
+    assert len(merged) <= 24 // 3, f"steps were merged: {[len(e.token_ids) for e in merged]}"
