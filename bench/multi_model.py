@@ -10,7 +10,10 @@ cores; the two-model server splits them between its engines, one model alone tak
 1. two models (the same GGUF under the ids `first` and `second`, both preloaded, `--streams` slots each):
    `--streams` closed-loop streaming clients per model, both models at once; the aggregate output tok/s is
    the sum of both models' (each over the same wall time: both run together);
-2. one model alone with 2 × `--streams` slots and 2 × `--streams` clients;
+2. one model alone with 2 × `--streams` slots and 2 × `--streams` clients.
+Both runs send the same requests: the first model gets the prompts of --prompts, the second the same prompts
+in a second wording (SECOND_WORDING), the single model both lists, so that neither run repeats a prompt the
+other does not (a repeat is served from the prompt cache);
 3. load on demand: a server whose default model is not preloaded (another one is, so /health is 200); the
    time from the first request to the default model until its answer (it loads the model) against the same
    request once loaded.
@@ -74,11 +77,24 @@ def server_spec(name: str, arguments: Sequence[str]) -> ServerSpec:
     )
 
 
-def load_plan(settings: MultiSettings, base_url: str, model: str, streams: int) -> LoadPlan:
+# Each prompt in a second wording: both runs then send the same set of distinct requests, the single model all
+# of them, each of the two models one wording. Cycling one list instead gave the single model (twice the
+# requests) a second pass over the prompts that its prompt cache served, which neither of the two models got:
+# it computed half the prompt tokens per output token.
+SECOND_WORDING = "Please answer the following. "
+
+
+def request_prompts(settings: MultiSettings) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the first model's prompts, the second's); the single model gets both."""
+    first = tuple(load_prompts(settings.prompts))
+    return first, tuple(SECOND_WORDING + prompt for prompt in first)
+
+
+def load_plan(settings: MultiSettings, base_url: str, model: str, streams: int, prompts: Sequence[str]) -> LoadPlan:
     return LoadPlan(
         base_url=base_url,
         model=model,
-        prompts=load_prompts(settings.prompts),
+        prompts=tuple(prompts),
         max_tokens=settings.max_tokens,
         concurrency_levels=(streams,),
         requests_per_level=(streams * settings.requests_per_stream,),
@@ -106,7 +122,10 @@ async def two_models(settings: MultiSettings, base_url: str) -> tuple[float, lis
     """Both models' loads at once; the aggregate is both models' output tokens over the wall time until the last
     one finished (not the sum of each one's own rate, which would credit a model that finished early)."""
     await wait_until_loaded(base_url, ("first", "second"))
-    plans = [load_plan(settings, base_url, model, settings.streams) for model in ("first", "second")]
+    plans = [
+        load_plan(settings, base_url, model, settings.streams, prompts)
+        for model, prompts in zip(("first", "second"), request_prompts(settings), strict=True)
+    ]
     started = time.perf_counter()
     reports = await asyncio.gather(*(run_load(plan, plan.model, show_progress=False) for plan in plans))
     wall_s = time.perf_counter() - started
@@ -144,7 +163,8 @@ def one_round(settings: MultiSettings, work_dir: Path, round_index: int) -> dict
     def alone() -> None:
         spec = server_spec("one-model", [*alone_arguments, "--ctx-size", str(settings.ctx_size)])
         with run_server(spec, work_dir) as server:
-            plan = load_plan(settings, server.spec.base_url, settings.model, 2 * settings.streams)
+            first, second = request_prompts(settings)
+            plan = load_plan(settings, server.spec.base_url, settings.model, 2 * settings.streams, first + second)
             result["one_model_tokens_per_s"] = tokens_per_s(asyncio.run(run_load(plan, "alone", show_progress=False)))
 
     for step in (both, alone) if round_index % 2 == 0 else (alone, both):

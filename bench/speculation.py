@@ -146,6 +146,7 @@ def ours_spec(settings: BenchSettings, spec_type: str, port: int) -> ServerSpec:
         "--ctx-size", str(settings.ctx_per_slot),
         "--spec-type", spec_type,
         "--draft-max", str(settings.draft_max),
+        "--spec-max-step-tokens", str(settings.draft_max + 1),  # a full draft fits one slot's step
     )  # fmt: skip
     name = "ours-" + spec_type
     return ServerSpec(name, command, f"http://{HOST}:{port}/v1", f"http://{HOST}:{port}/health", cwd=REPO_ROOT)
