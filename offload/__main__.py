@@ -123,19 +123,9 @@ def run_plan(args: argparse.Namespace) -> int:
     resolved = resolve_model(args.model[0])
     shape = read_model_shape(Path(resolved.path))
     hardware = _hardware(args)
-    request = PlanRequest(
-        ctx=args.ctx,
-        parallel=args.parallel,
-        kv_type=KvType(args.kv_type) if args.kv_type else None,
-        n_ubatch=args.ubatch,
-        n_batch=args.batch,
-        gpu_margin_bytes=parse_size(args.gpu_margin) if args.gpu_margin else None,
-        use_mlock=args.mlock,
-        model_name=resolved.name,
-    )
     if args.rpc_device:
         return run_rpc_plan(args, shape, hardware)
-    result = plan(shape, hardware, request)
+    result = plan(shape, hardware, _plan_request(args, resolved.name))
     if args.json:
         placement = placement_for(result)
         document = {
@@ -177,7 +167,8 @@ def run_rpc_plan(args: argparse.Namespace, shape: ModelShape, hardware: Hardware
     return 0
 
 
-def _joint_request(args: argparse.Namespace, model_name: str) -> PlanRequest:
+def _plan_request(args: argparse.Namespace, model_name: str) -> PlanRequest:
+    """What the options ask of one model's plan (alone, or as a member of a joint plan)."""
     return PlanRequest(
         ctx=args.ctx,
         parallel=args.parallel,
@@ -202,7 +193,7 @@ def run_joint_plan(args: argparse.Namespace) -> int:
     for model, weight in zip(args.model, weights, strict=True):
         resolved = resolve_model(model)
         shape = read_model_shape(Path(resolved.path))
-        members.append(JointMember(shape, _joint_request(args, resolved.name), weight))
+        members.append(JointMember(shape, _plan_request(args, resolved.name), weight))
         shapes[members[-1].name] = shape
     hardware = _hardware(args)
     joint = plan_joint(members, hardware)

@@ -54,11 +54,6 @@ def _llama_builder(core_share: CoreShare) -> EngineBuilder:
     return build
 
 
-def _core_share() -> CoreShare:
-    """The cores the served models split (server/fleet/spec.py gives each its share to start with)."""
-    return CoreShare(physical_cores())
-
-
 def _default_admission(settings: Settings, specs: list[ModelSpec]) -> Admission:
     """--memory-budget-mib: predicted bytes against it. Else with --auto-offload (on any model) and several
     models: offload/joint.py's one plan for all loaded models; else predicted bytes against RAM (+ GPU)."""
@@ -117,7 +112,7 @@ def create_app(
     `app.state.server.load_error`); `on_load_failure(message)`, called on the event loop, lets the CLI stop the
     server instead. `admission` decides what fits in memory; `clock` (tests) times keep_alive."""
     specs = model_specs(settings)
-    builder = engine_builder or _llama_builder(_core_share())
+    builder = engine_builder or _llama_builder(CoreShare(physical_cores()))  # the cores the served models split
     if engine_factory is not None:
         factory = engine_factory
         builder = _default_from(factory, specs[0].id, builder)

@@ -448,7 +448,7 @@ class Engine:
             return
         self._claim_cores()
         if len(self._outbox) and (plan.ops or plan.n_tokens > len(plan.entries)):
-            self._publish([], idle=True)  # memory ops, prefill or drafts make this step long: nothing waits for it
+            self._hand_over(idle=True)  # memory ops, prefill or drafts make this step long: nothing waits for it
         events += self._execute(plan)
         self._publish(events)
         self._last_step_seconds = time.monotonic() - started
@@ -480,7 +480,7 @@ class Engine:
         batch = self._embedding_queue.next_batch()
         if batch is None:
             return False
-        self._publish([], idle=True)  # held tokens do not wait for an embedding decode
+        self._hand_over(idle=True)  # held tokens do not wait for an embedding decode
         started = time.perf_counter()
         try:
             vectors = self._embedder.embed(batch.inputs)
@@ -618,8 +618,12 @@ class Engine:
         if self._loop is None:
             return
         self._outbox.add([_token_event(event) for event in step_events])
+        self._hand_over(idle=idle)
+
+    def _hand_over(self, *, idle: bool = False) -> None:
+        """Send the outbox's due events to the event loop (all of them when `idle`)."""
         token_events = self._outbox.take(time.monotonic(), next_step_s=self._last_step_seconds, idle=idle)
-        if not token_events:
+        if not token_events or self._loop is None:
             return
         try:
             self._loop.call_soon_threadsafe(self._dispatch, token_events)

@@ -110,8 +110,8 @@ def model_specs(settings: Settings) -> list[ModelSpec]:
     for index, (entry, model_id) in enumerate(zip(entries, ids, strict=True)):
         overrides: dict[str, Any] = {"model": [entry.model], "served_model_name": model_id}
         own = entry.setting_overrides()
-        shares_cores = len(entries) > 1 and settings.threads is None and own.get("threads") is None
-        if len(entries) > 1 and settings.threads is None:
+        split_cores = len(entries) > 1 and settings.threads is None
+        if split_cores:
             overrides["threads"] = _threads(settings, len(entries))
         overrides.update(own)
         loads_at_start = (
@@ -130,7 +130,7 @@ def model_specs(settings: Settings) -> list[ModelSpec]:
                 keep_alive_s=_keep_alive(entry, settings, loads_at_start),
                 priority=entry.priority,
                 sampling_defaults=sampling_defaults_for(settings, entry.model),
-                shares_cores=shares_cores,
+                shares_cores=split_cores and own.get("threads") is None,
             )
         )
     _check(specs, settings)
