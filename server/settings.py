@@ -203,21 +203,29 @@ class Settings(BaseSettings):
         "a slot's drafts are accepted; a request may opt out with `speculative: false`. none: off.",
     )
     draft_max: int = Field(
-        default=16,
+        default=32,
         ge=1,
         le=64,
-        description="Most tokens drafted per slot and step (16 beat 8 and 32 on bench.speculation's quotes).",
+        description="Most tokens drafted per slot and step; a slot drafts fewer while its acceptance is lower "
+        "(32 beat 16 on bench.speculation's quotes once drafts stop at the end token).",
     )
     draft_min: int = Field(default=2, ge=1, description="Fewer drafted tokens than this are not verified.")
     draft_model: Path | None = Field(
         default=None, description="The GGUF of the draft model for --spec-type draft (its vocabulary: the model's)."
     )
     spec_max_step_tokens: int = Field(
-        default=17,
+        default=33,
         ge=2,
-        description="Draft only while a step stays within this many tokens: verifying drafts is nearly free while "
-        "a CPU step is a few tokens, and costs like decoding them once the batch is large (many streams). 17: one "
-        "slot's token and a full draft of 16; at 16 busy streams nothing is left to draft.",
+        description="Draft only while a step stays within this many tokens (33: one slot's token and a full draft "
+        "of 32). Whether a busy step drafts at all is --spec-max-break-even's call.",
+    )
+    spec_max_break_even: float = Field(
+        default=0.9,
+        ge=0.0,
+        le=1.0,
+        description="No drafting in a step where a draft pays only above this acceptance: every slot decoding in a "
+        "step waits for its verification, so the busier the step, the likelier a draft must be (16 busy streams of "
+        "SmolLM2 on 2 CPU threads: ~0.99, and drafting stops). 1 turns this off.",
     )
     embeddings: bool = Field(
         default=False,

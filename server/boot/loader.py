@@ -151,7 +151,10 @@ def speculation_config(settings: Settings) -> SpeculationConfig | None:
     if settings.spec_type == "none":
         return None
     return SpeculationConfig(
-        draft_max=settings.draft_max, draft_min=settings.draft_min, max_step_tokens=settings.spec_max_step_tokens
+        draft_max=settings.draft_max,
+        draft_min=settings.draft_min,
+        max_step_tokens=settings.spec_max_step_tokens,
+        max_break_even=settings.spec_max_break_even,
     )
 
 

@@ -40,7 +40,7 @@ from bindings.protocol import (
 )
 from server.engine.request import FinishReason, Request
 from server.engine.sequence import Sequence, SequenceStatus, Slot, StepEvent
-from server.engine.speculation import SpeculationConfig
+from server.engine.speculation import SpeculationConfig, draft_pays
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,10 @@ class StepPlan:
     # Speculative decoding: sequence id → the tokens drafted after its pending token (its entry ends with them
     # and has logits at each; samples' index is the pending token's). Empty when nobody drafted.
     drafts: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    # What one drafted token costs in this step, as a share of what the step spends per token it emits without
+    # drafts: the measured share of a decode step, times the slots decoding in it (every one of them waits for
+    # the verification, and each emits one token for the step's time).
+    draft_cost: float = 0.0
 
     @property
     def n_tokens(self) -> int:
@@ -292,7 +296,7 @@ class Scheduler:
             if isinstance(value, SampledToken):
                 events.append(self._accept(seq, value))
             else:
-                events.append(self._accept_run(seq, value, plan.drafts.get(seq.seq_id, ())))
+                events.append(self._accept_run(seq, value, plan.drafts.get(seq.seq_id, ()), plan.draft_cost))
         return events
 
     def fail(self, plan: StepPlan, message: str) -> list[StepEvent]:
@@ -549,10 +553,15 @@ class Scheduler:
         spare = min(budget, spec.max_step_tokens - sum(len(entry.tokens) for entry in plan.entries))
         requests: list[DraftRequest] = []
         positions: list[int] = []
+        plan.draft_cost = self.draft_token_cost * len(plan.entries)
+        if spec.max_break_even < 1.0 and not draft_pays(
+            spec.max_break_even, plan.draft_cost, spec.draft_min, spec.min_gain
+        ):
+            return 0  # the step is too busy for any likely draft to pay (SpeculationConfig.max_break_even)
         for position, (entry, seq) in enumerate(zip(plan.entries, plan.entry_sequences, strict=True)):
             if spare < spec.draft_min:
                 break
-            n_max = min(seq.spec.draft_length(spec, self.draft_token_cost), spare, self._draft_room(seq))
+            n_max = min(seq.spec.draft_length(spec, plan.draft_cost), spare, self._draft_room(seq))
             if n_max < spec.draft_min or not seq.request.params.speculative or not seq.spec.wants_draft():
                 continue
             requests.append(DraftRequest(seq.seq_id, entry.slot, seq.prompt, seq.output_tokens, n_max))
@@ -569,10 +578,10 @@ class Scheduler:
             return 0
         n_added = 0
         for position, request, draft in zip(positions, requests, drafts, strict=True):
-            draft = tuple(draft[: request.n_max])
+            entry, seq = plan.entries[position], plan.entry_sequences[position]
+            draft = self._until_end_of_generation(tuple(draft[: request.n_max]), seq)
             if len(draft) < spec.draft_min:
                 continue
-            entry, seq = plan.entries[position], plan.entry_sequences[position]
             plan.entries[position] = replace(entry, tokens=entry.tokens + draft, n_logits=len(draft) + 1)
             plan.drafts[seq.seq_id] = draft
             if not self.config.supports_partial_removal:
@@ -580,6 +589,15 @@ class Scheduler:
                 self.slots[entry.slot].checkpoint_length = entry.start_pos
             n_added += len(draft)
         return n_added
+
+    def _until_end_of_generation(self, draft: tuple[int, ...], seq: Sequence) -> tuple[int, ...]:
+        """The draft up to its first end-of-generation token, which ends the choice once accepted, so nothing
+        after it can be used (an n-gram draft that reaches the end of a quoted passage runs on into the chat
+        template's turn markers); with ignore_eos, which bans that token, up to just before it."""
+        for i, token in enumerate(draft):
+            if self._vocab.is_eog(token):
+                return draft[:i] if seq.request.params.ignore_eos else draft[: i + 1]
+        return draft
 
     def _draft_room(self, seq: Sequence) -> int:
         """Most tokens worth drafting: k drafts emit at most k + 1 tokens, within max_tokens and the context."""
@@ -700,12 +718,14 @@ class Scheduler:
             )
         return StepEvent(seq, text, (token,), logprobs, None, prompt_logprobs=prompt_logprobs)
 
-    def _accept_run(self, seq: Sequence, run: list[SampledToken], draft: tuple[int, ...]) -> StepEvent:
+    def _accept_run(
+        self, seq: Sequence, run: list[SampledToken], draft: tuple[int, ...], draft_cost: float
+    ) -> StepEvent:
         """Book a verified draft (cut the rejected tokens out of the slot, next step) and emit the run's tokens
         one by one, as if each came from its own step: a stop string, EOS or max_tokens inside the run ends the
         output exactly where decoding without speculation would. One event for the whole run."""
         n_accepted = common_prefix_length((sampled.token for sampled in run), draft)
-        self._book_verification(seq, len(draft), n_accepted)
+        self._book_verification(seq, len(draft), n_accepted, draft_cost)
         events = []
         for sampled in run:
             events.append(self._accept(seq, sampled))
@@ -724,7 +744,7 @@ class Scheduler:
             events[0].prompt_logprobs,
         )
 
-    def _book_verification(self, seq: Sequence, n_drafted: int, n_accepted: int) -> None:
+    def _book_verification(self, seq: Sequence, n_drafted: int, n_accepted: int, draft_cost: float) -> None:
         """The slot holds [.., pending, d1..dk]; keep [.., pending, d1..d_accepted] (a truncate, or on a model
         without partial removal a rollback to the checkpoint taken before the decode: the accepted tokens
         are then decoded again with the next pending token)."""
@@ -740,7 +760,7 @@ class Scheduler:
                 del slot.cached_tokens[n_keep:]
                 op = CacheOp("rollback", slot.index, n_keep=n_keep)
             self._pending_rollbacks[slot.index] = op
-        seq.spec.record(n_drafted, n_accepted, self.config.speculation or SpeculationConfig(), self.draft_token_cost)
+        seq.spec.record(n_drafted, n_accepted, self.config.speculation or SpeculationConfig(), draft_cost)
         slot.n_drafted += n_drafted
         slot.n_accepted += n_accepted
         self.counters.n_draft_tokens += n_drafted

@@ -44,11 +44,11 @@ class CacheFollower(Protocol):
 class SpeculationConfig:
     """When the scheduler drafts. Off (spec_type none, or no drafter) costs one attribute test per step."""
 
-    draft_max: int = 16  # most drafted tokens per slot and step
+    draft_max: int = 32  # most drafted tokens per slot and step
     draft_min: int = 2  # a shorter draft is not worth its verification: dropped
     # Drafting only while the step stays this small: on a CPU, verifying k more tokens is nearly free while the
     # batch is a few tokens (memory-bound), and costs like decoding them once it is compute-bound (16 streams).
-    max_step_tokens: int = 17  # one slot's token and a full draft; 16 busy streams leave no room
+    max_step_tokens: int = 33  # one slot's token and a full draft (max_break_even keeps busy steps draft-free)
     # A slot whose acceptance (running average) falls below this, or below what a verified token costs
     # relative to a decode step as the engine measures it (SmolLM2 on 2 CPU threads: ~0.5), backs off.
     min_acceptance: float = 0.3
@@ -57,6 +57,10 @@ class SpeculationConfig:
     # the model of a verified token's cost leaves out: with the bare break-even (acceptance > cost) the chat
     # prompts of bench/speculation.py ran at acceptance 0.6 and 0.88-0.95x of speculation off, single stream.
     min_gain: float = 0.1
+    # No drafting in a step where a draft of draft_min tokens pays only above this acceptance: with many busy
+    # slots every one of them waits for a verification (16 streams of SmolLM2 on 2 CPU threads: ~0.99), and
+    # the probes that would find a rare draft good enough cost more than it gains.
+    max_break_even: float = 0.9
     backoff_max_steps: int = 32  # longest pause after repeated misses before the slot probes again
     ema_weight: float = 0.2  # weight of the newest verification in a slot's running acceptance
     # The k-th draft token is only worth verifying while it is likely to be reached: acceptance ** k above this,
@@ -116,21 +120,22 @@ class SpecStats:
         return True
 
 
+def draft_pays(acceptance: float, token_cost: float, n_draft: int, min_gain: float) -> bool:
+    """Whether drafting n_draft tokens at this acceptance pays by min_gain (see break_even_acceptance)."""
+    emitted = sum(acceptance**i for i in range(n_draft + 1))
+    return emitted >= (1.0 + min_gain) * (1.0 + n_draft * token_cost)
+
+
 def break_even_acceptance(token_cost: float, n_draft: int, min_gain: float) -> float:
     """The acceptance a above which drafting n_draft tokens pays by min_gain: the tokens it emits per step,
     1 + a + ... + a^n (each draft token is reached only if all before it were accepted, and the step always
     emits one), against the step time it takes, 1 + n * token_cost, must reach 1 + min_gain. inf: it never pays."""
-    need = (1.0 + min_gain) * (1.0 + n_draft * token_cost)
-
-    def emitted(acceptance: float) -> float:
-        return sum(acceptance**i for i in range(n_draft + 1))
-
-    if emitted(1.0) < need:
+    if not draft_pays(1.0, token_cost, n_draft, min_gain):
         return math.inf
     low, high = 0.0, 1.0
-    for _ in range(30):  # emitted() rises with the acceptance: bisect to ~1e-9
+    for _ in range(30):  # what a draft emits rises with the acceptance: bisect to ~1e-9
         middle = (low + high) / 2
-        low, high = (middle, high) if emitted(middle) < need else (low, middle)
+        low, high = (low, middle) if draft_pays(middle, token_cost, n_draft, min_gain) else (middle, high)
     return high
 
 
@@ -148,11 +153,27 @@ def verify_draft(draft: Sequence[int], sample_at: Callable[[int], SampledToken])
 
 @dataclass
 class _NgramIndex:
-    """A sequence's n-grams: for every n, each n-gram → where the token after its latest occurrence is."""
+    """A sequence's n-grams: for every n, each n-gram → where the tokens after its latest occurrences are
+    (oldest first, at most NgramDrafter.MAX_OCCURRENCES)."""
 
     n_seen: int = 0
     tokens: list[int] = field(default_factory=list)
-    follower: list[dict[tuple[int, ...], int]] = field(default_factory=list)
+    follower: list[dict[tuple[int, ...], list[int]]] = field(default_factory=list)
+
+
+def _context_agreement(tokens: Sequence[int], here: int, there: int, longest: int) -> int:
+    """How many tokens (at most `longest`) right before `here` equal those right before `there`: the evidence
+    that an occurrence is the text being copied, not a chance repeat. Slice compares, doubling then bisecting
+    (if k tokens agree, so do fewer)."""
+    longest = min(longest, there, here)
+    agreed, length = 0, 1
+    while length <= longest and tokens[here - length : here] == tokens[there - length : there]:
+        agreed, length = length, 2 * length
+    low, high = agreed, min(length, longest + 1)  # agreed tokens match; `high` does not (or is past the limit)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if tokens[here - middle : here] == tokens[there - middle : there] else (low, middle)
+    return low
 
 
 class NgramDrafter:
@@ -163,10 +184,18 @@ class NgramDrafter:
     only on long verbatim repeats. vLLM's prompt-lookup proposer tries n from a maximum down to a minimum, as
     here; n_max 4, n_min 2 catch a quoted phrase after two tokens, and a unigram (n = 1) is too weak a hint
     (it proposes after every common token). The adaptive rule in the scheduler pays for misses by backing off.
-    The index is incremental (each new token adds n_max entries), so a step costs O(n_max + draft) per slot.
+
+    Of several occurrences of the n-gram, the one whose earlier context agrees longest with the sequence's wins
+    (the latest on a tie): copying a passage or code from the prompt, the aligned copy agrees all the way back,
+    while a latest occurrence is often a chance repeat (code's `result.append(` an output line earlier) whose
+    continuation misses after a few tokens and wastes the rest of a long draft.
+    The index is incremental (each new token adds n_max entries), so a step costs O(n_max + draft) per slot,
+    plus a few slice compares per kept occurrence.
     """
 
     name = "ngram"
+    MAX_OCCURRENCES = 8  # kept per n-gram: the most recent ones (a passage quoted more often is rare)
+    CONTEXT_LIMIT = 64  # tokens of context compared; beyond it, occurrences tie (and the latest wins)
 
     def __init__(self, n_max: int = 4, n_min: int = 2) -> None:
         if not 1 <= n_min <= n_max:
@@ -195,10 +224,22 @@ class NgramDrafter:
         tokens = index.tokens
         n_tokens = len(tokens)
         for n in range(min(self.n_max, n_tokens - 1), self.n_min - 1, -1):
-            start = index.follower[n].get(tuple(tokens[n_tokens - n :]))
-            if start is not None:
+            starts = index.follower[n].get(tuple(tokens[n_tokens - n :]))
+            if starts:
+                start = self._best_start(tokens, starts, n)
                 return tuple(tokens[start : start + request.n_max])
         return ()
+
+    def _best_start(self, tokens: Sequence[int], starts: Sequence[int], n: int) -> int:
+        """Of the n-gram's occurrences (their followers, oldest first), the one whose context before the n-gram
+        agrees longest with the sequence's; the latest on a tie."""
+        here = len(tokens) - n
+        best, best_agreement = starts[-1], -1
+        for start in reversed(starts):
+            agreement = _context_agreement(tokens, here, start - n, self.CONTEXT_LIMIT)
+            if agreement > best_agreement:
+                best, best_agreement = start, agreement
+        return best
 
     def _extend(self, index: _NgramIndex, request: DraftRequest) -> None:
         """Add the tokens that arrived since the last call; each makes the n-grams ending just before it known,
@@ -209,5 +250,8 @@ class NgramDrafter:
         for position in range(index.n_seen, n_total):
             tokens.append(request.prompt[position] if position < n_prompt else request.output[position - n_prompt])
             for n in range(1, min(self.n_max, position) + 1):
-                index.follower[n][tuple(tokens[position - n : position])] = position
+                starts = index.follower[n].setdefault(tuple(tokens[position - n : position]), [])
+                starts.append(position)
+                if len(starts) > self.MAX_OCCURRENCES:
+                    del starts[0]
         index.n_seen = n_total

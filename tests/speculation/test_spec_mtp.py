@@ -52,6 +52,7 @@ def mtp_settings(model: Path, tmp_path: Path, spec_type: str, **extra: Any) -> S
         draft_max=6,
         draft_min=1,
         spec_max_step_tokens=64,
+        spec_max_break_even=1.0,  # draft in the mixed batches whatever a verification costs the tiny model
         prompt_cache_mib=16,
         stream_interval_ms=0,  # one event per step: an event of one token shows a step without a draft
         cache_dir=tmp_path / "cache",

@@ -33,6 +33,17 @@ def test_ngram_proposes_what_followed_the_latest_occurrence_of_the_longest_suffi
     assert ask(NgramDrafter(3, 2), prompt, [1, 2, 3], n_max=2) == (4, 5), "the 3-gram 1-2-3 wins over 2-3"
 
 
+def test_ngram_prefers_the_occurrence_whose_context_agrees_longest() -> None:
+    # 2-3 occurs after 1 (followed by 9 9) and, later, after 7 (followed by 5 5); the sequence ends in 1 2 3:
+    # the text being copied is the first occurrence, the later one a chance repeat.
+    prompt = [1, 2, 3, 9, 9, 7, 2, 3, 5, 5, 0]
+    assert ask(NgramDrafter(2, 2), prompt, [1, 2, 3], n_max=3) == (9, 9, 7)
+    assert ask(NgramDrafter(2, 2), prompt, [8, 2, 3], n_max=3) == (5, 5, 0), "no context agrees: the latest"
+    code = [4, 10, 11, 12, 20, 21, 4, 10, 11, 12, 30, 31]  # two lines that start alike
+    output = [4, 10, 11, 12, 20, 21, 4, 10, 11, 12]  # copying them: the second line's own start
+    assert ask(NgramDrafter(3, 2), code, output, n_max=2) == (30, 31), "aligned with the copy, not its first line"
+
+
 def test_ngram_needs_at_least_n_min_matching_tokens() -> None:
     drafter = NgramDrafter(n_max=4, n_min=2)
     assert ask(drafter, [5, 6, 7, 8], [6]) == (), "a one-token match is no evidence"

@@ -883,6 +883,51 @@ def test_max_tokens_inside_an_accepted_run_is_exact(max_tokens: int) -> None:
     assert all(e.n_logits - 1 <= max_tokens - 2 for e in drafted_entries(h)), "never drafts past max_tokens"
 
 
+class RunsPastTheEndDrafter(OracleDrafter):
+    """Drafts two tokens, an end-of-generation token, then more: what an n-gram draft looks like when it reaches
+    the end of a quoted passage and runs on into the prompt's turn markers."""
+
+    def draft(self, requests: Sequence_[DraftRequest]) -> list[tuple[int, ...]]:
+        self.requests.extend(requests)
+        return [(ord("a"), ord("b"), EOS, ord("c"), ord("d"))[: request.n_max] for request in requests]
+
+
+@pytest.mark.parametrize(("ignore_eos", "expected"), [(False, (ord("a"), ord("b"), EOS)), (True, (ord("a"), ord("b")))])
+def test_a_draft_ends_at_its_first_end_of_generation_token(ignore_eos: bool, expected: tuple[int, ...]) -> None:
+    h = spec_harness(spec=SpeculationConfig(draft_max=8, draft_min=1, max_step_tokens=16))
+    h.scheduler._drafter = RunsPastTheEndDrafter(h.backend)
+    request = h.submit("past the end", replace(LONG, ignore_eos=ignore_eos))
+    h.run()
+    drafts = {tuple(e.tokens[len(e.tokens) - e.n_logits + 1 :]) for e in drafted_entries(h)}
+    assert expected in drafts, "the draft up to the end token was verified"
+    assert all(expected[: len(draft)] == draft for draft in drafts), (
+        "nothing after the end token (with ignore_eos, not the end token either): near max_tokens, less"
+    )
+    assert h.text(request) == alone("past the end", replace(LONG, ignore_eos=ignore_eos))
+
+
+def test_a_busy_step_drafts_only_while_a_likely_draft_pays() -> None:
+    """A drafted token's measured cost (0.06 of a plain step: SmolLM2 verifying at 16 streams on 2 threads) is
+    paid by every slot decoding in the step: one busy slot drafts, sixteen do not (a draft would have to be
+    accepted ~99% of the time to pay), and with the gate off (max_break_even 1) they draft again."""
+
+    def drafted_with(n_streams: int, max_break_even: float) -> int:
+        """Tokens drafted in the steps where all n_streams decode."""
+        spec = SpeculationConfig(draft_max=4, draft_min=2, max_step_tokens=128, max_break_even=max_break_even)
+        h = spec_harness(spec=spec, n_slots=16, budget=512, n_ctx=128)
+        h.scheduler.draft_token_cost = 0.06
+        for i in range(n_streams):
+            h.submit(f"stream {i:02d} speculates", LONG)
+        plans = [h.step() for _ in range(4)]
+        busy = [plan for plan in plans if len(plan.entries) == n_streams and not plan.admitted]
+        assert busy, "every stream decoded together"
+        return sum(len(draft) for plan in busy for draft in plan.drafts.values())
+
+    assert drafted_with(1, 0.9) > 0
+    assert drafted_with(16, 0.9) == 0
+    assert drafted_with(16, 1.0) > 0
+
+
 def test_generation_at_the_context_end_is_exact_with_drafts() -> None:
     params = replace(GREEDY, max_tokens=None)
     h = spec_harness(n_ctx=24)
