@@ -207,7 +207,7 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="Most tokens drafted per slot and step; a slot drafts fewer while its acceptance is lower "
-        "(32 beat 16 on bench.speculation's quotes once drafts stop at the end token).",
+        "(32 beat 16 on bench.speculation's quotes once the n-gram drafter followed the aligned copy).",
     )
     draft_min: int = Field(default=2, ge=1, description="Fewer drafted tokens than this are not verified.")
     draft_model: Path | None = Field(

@@ -46,9 +46,9 @@ class SpeculationConfig:
 
     draft_max: int = 32  # most drafted tokens per slot and step
     draft_min: int = 2  # a shorter draft is not worth its verification: dropped
-    # Drafting only while the step stays this small: on a CPU, verifying k more tokens is nearly free while the
-    # batch is a few tokens (memory-bound), and costs like decoding them once it is compute-bound (16 streams).
-    max_step_tokens: int = 33  # one slot's token and a full draft (max_break_even keeps busy steps draft-free)
+    # The most tokens a step with drafts may hold: one slot's token and a full draft. Whether a busy step drafts
+    # at all is max_break_even's call, from the measured cost of a verified token.
+    max_step_tokens: int = 33
     # A slot whose acceptance (running average) falls below this, or below what a verified token costs
     # relative to a decode step as the engine measures it (SmolLM2 on 2 CPU threads: ~0.5), backs off.
     min_acceptance: float = 0.3
