@@ -26,10 +26,10 @@ from server.engine.engine import Engine
 from server.fleet.admission import MIB, Admission, JointAdmission, MemoryBudget, default_budget_bytes
 from server.fleet.fleet import EngineBuilder
 from server.fleet.slot import ModelSlot
-from server.fleet.spec import ModelSpec, model_specs, physical_cores
+from server.fleet.spec import ModelSpec, model_specs
 from server.metrics import CountRequests
 from server.rpc.failover import RpcFailover, app_failover
-from server.settings import Settings
+from server.settings import Settings, physical_cores
 from server.ui import mount_ui
 
 log = logging.getLogger(__name__)

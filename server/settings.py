@@ -380,9 +380,14 @@ class Settings(BaseSettings):
         return self.audit_required if self.audit_required is not None else self.effective_audit_db() is not None
 
     def effective_threads(self) -> int:
-        import psutil
+        return self.threads or physical_cores()
 
-        return self.threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+def physical_cores() -> int:
+    """This machine's physical CPU cores (its logical ones where psutil cannot tell)."""
+    import psutil  # deferred, as before: reading settings needs no system probe
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def _flag(name: str) -> str:

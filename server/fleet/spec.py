@@ -11,11 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from registry.models import RegistryError, ServeEntry, load_registry
 from server.fleet.keep_alive import DEFAULT_ON_DEMAND_S, KeepAliveError, parse_keep_alive
-from server.settings import Settings
+from server.settings import Settings, physical_cores
 
 PRELOAD_ALL = "all"
 
@@ -78,10 +76,6 @@ def _entries(settings: Settings) -> list[ServeEntry]:
     if registry.serve:
         return list(registry.serve)
     return [ServeEntry(model=registry.default, id=settings.served_model_name)]
-
-
-def physical_cores() -> int:
-    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
 
 
 def _threads(settings: Settings, n_models: int) -> int:
