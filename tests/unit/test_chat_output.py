@@ -29,6 +29,9 @@ ONE_CALL = OutputFormat(tools=True, max_calls=1)
 WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n</tool_call>'
 SPACED = '<tool_call>\n{ "name": "f", "arguments": { "a": {"b": 1} , "c": 2 } }  \n</tool_call>'
 NESTED = '<tool_call>\n{"name": "f", "arguments": {"a": {"b": "}"}, "c": "</tool_"}}\n</tool_call>'
+# Strings holding the closing tag itself, after an escaped quote (the instructor client's City once did).
+TAG_IN_STRING = '<tool_call>\n{"name": "City", "arguments": {"name": "]]\\"</tool_call>", "n": 1}}\n</tool_call>'
+TAG_IN_STRING_KEYS_SWAPPED = '<tool_call>\n{"arguments": {"s": "a</tool_call>b"}, "name": "g"}\n</tool_call>'
 
 CASES = [
     ("Hello, world!", TOOLS),
@@ -37,6 +40,9 @@ CASES = [
     ("Let me check.\n" + WEATHER, TOOLS),
     (WEATHER + "\n" + NESTED, TOOLS),
     (SPACED, TOOLS),
+    (TAG_IN_STRING + " after", TOOLS),
+    (TAG_IN_STRING_KEYS_SWAPPED, TOOLS),
+    (TAG_IN_STRING + TAG_IN_STRING, ONE_CALL),
     (WEATHER + "\n" + NESTED, ONE_CALL),
     ('<tool_call>\n{"arguments": {"x": 1}, "name": "g"}\n</tool_call>', TOOLS),  # keys the other way round
     ("<tool_call>not json</tool_call> tail", TOOLS),
@@ -106,6 +112,17 @@ def test_parallel_calls_and_braces_inside_arguments() -> None:
     assert message.content == ""
     assert len({call["id"] for call in message.tool_calls}) == 2
     assert all(call["id"].startswith("call_") for call in message.tool_calls)
+
+
+def test_a_closing_tag_inside_an_argument_string_does_not_end_the_call() -> None:
+    for cuts in ([], list(range(1, len(TAG_IN_STRING)))):
+        message, _ = _parse_in_chunks(TAG_IN_STRING + " after", TOOLS, cuts)
+        assert message.tool_calls[0]["function"]["name"] == "City"
+        assert json.loads(message.tool_calls[0]["function"]["arguments"]) == {"name": ']]"</tool_call>', "n": 1}
+        assert message.content == "after"
+    message = parse_output(TAG_IN_STRING_KEYS_SWAPPED, TOOLS)
+    assert message.tool_calls[0]["function"] == {"name": "g", "arguments": '{"s": "a</tool_call>b"}'}
+    assert message.content == ""
 
 
 def test_calls_beyond_max_calls_are_dropped() -> None:
