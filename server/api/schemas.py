@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic.config import JsonDict
 
 MAX_STOP_STRINGS = 4
 MAX_TOP_LOGPROBS = 20
@@ -18,7 +19,17 @@ class _StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
 
+def _text_part_schema(schema: JsonDict) -> None:
+    """What _only_text checks, said in the OpenAPI document too: a part is {"type": "text", "text": str}."""
+    properties = cast(dict[str, dict[str, Any]], schema["properties"])
+    properties["type"]["const"] = "text"
+    properties["text"] = {"type": "string", "title": "Text"}
+    schema["required"] = ["type", "text"]
+
+
 class TextPart(_StrictModel):
+    model_config = ConfigDict(json_schema_extra=_text_part_schema)
+
     type: str
     text: str | None = None
 
@@ -31,7 +42,19 @@ class TextPart(_StrictModel):
         return self
 
 
+# What _content_present checks, said in the OpenAPI document too (clients and the fuzz read it): only an
+# assistant message may leave content out.
+_CONTENT_UNLESS_ASSISTANT: JsonDict = {
+    "anyOf": [
+        {"properties": {"role": {"const": "assistant"}}},
+        {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+    ]
+}
+
+
 class ChatMessage(_StrictModel):
+    model_config = ConfigDict(json_schema_extra=_CONTENT_UNLESS_ASSISTANT)
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
