@@ -27,13 +27,15 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench.load import LoadPlan, stream_one
 from bench.process import ServerSpec, exit_on_termination, run_server
+from bench.stats import RequestResult
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -95,6 +97,10 @@ REPETITIVE_TASKS = (
 )
 
 
+# How a workload's speed is measured: completion tokens over wall time (the goals' figure), or each stream's
+# speed after its first token (what speculation acts on; llama-server reports it as predicted_per_second).
+END_TO_END, GENERATION = "end to end", "generation"
+MEASURES = (END_TO_END, GENERATION)
 N_QUOTES = 4  # REPETITIVE_TASKS[:4] are the quotes (the workload of the goals), the rest edits and rewrites
 
 
@@ -126,10 +132,19 @@ class WorkloadResult:
     completion_tokens: int
     seconds: float
     acceptance: float | None = None  # ours with speculation: accepted / drafted during this workload
+    generation_tokens: int = 0
+    generation_seconds: float = 0.0  # see WorkloadTally
 
     @property
     def tokens_per_second(self) -> float:
+        """Completion tokens over the workload's wall time: prefill and the first token included."""
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        """One stream's speed once its first token is out (llama-server's predicted_per_second): what
+        speculation speeds up; the prompt's prefill, the same with and without drafts, is left out."""
+        return self.generation_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
 
 
 @dataclass
@@ -137,17 +152,17 @@ class BenchReport:
     settings: dict[str, Any]
     results: list[WorkloadResult] = field(default_factory=list)
 
-    def median(self, server: str, workload: str) -> float | None:
-        values = [r.tokens_per_second for r in self.results if r.server == server and r.workload == workload]
+    def median(self, server: str, workload: str, measure: str = END_TO_END) -> float | None:
+        values = [_speed(r, measure) for r in self.results if r.server == server and r.workload == workload]
         return statistics.median(values) if values else None
 
     def acceptance(self, workload: str) -> float | None:
         values = [r.acceptance for r in self.results if r.workload == workload and r.acceptance is not None]
         return statistics.median(values) if values else None
 
-    def ratios(self) -> dict[str, float | None]:
-        """The issue's four speed ratios (None where a server was not run)."""
-        return {label: _median(self.round_ratios(*pair)) for label, pair in self.ratio_pairs().items()}
+    def ratios(self, measure: str = END_TO_END) -> dict[str, float | None]:
+        """The issue's four speed ratios (None where a server was not run), by one of MEASURES."""
+        return {label: _median(self.round_ratios(*pair, measure)) for label, pair in self.ratio_pairs().items()}
 
     def ratio_pairs(self) -> dict[str, tuple[str, str, str]]:
         """Each reported ratio: (server, reference server, workload)."""
@@ -162,18 +177,22 @@ class BenchReport:
             "edits and rewrites (no goal): ngram / llama-server ngram": ("ngram", "llama-ngram", "edit-1"),
         }
 
-    def round_ratios(self, server: str, reference: str, workload: str) -> list[float]:
+    def round_ratios(self, server: str, reference: str, workload: str, measure: str = END_TO_END) -> list[float]:
         """server / reference in each round both ran: the machine drifts by several percent between rounds,
         so a ratio is taken within a round (as bench.compare does), and its median is reported."""
-        mine, theirs = self._by_round(server, workload), self._by_round(reference, workload)
+        mine, theirs = self._by_round(server, workload, measure), self._by_round(reference, workload, measure)
         return [mine[i] / theirs[i] for i in sorted(mine) if theirs.get(i)]
 
-    def _by_round(self, server: str, workload: str) -> dict[int, float]:
+    def _by_round(self, server: str, workload: str, measure: str) -> dict[int, float]:
         wanted = (server, workload)
-        return {r.round_index: r.tokens_per_second for r in self.results if (r.server, r.workload) == wanted}
+        return {r.round_index: _speed(r, measure) for r in self.results if (r.server, r.workload) == wanted}
 
     def _chat_levels(self) -> list[int]:
         return sorted({int(r.workload.split("-")[1]) for r in self.results if r.workload.startswith("chat-")})
+
+
+def _speed(result: WorkloadResult, measure: str) -> float:
+    return result.tokens_per_second if measure == END_TO_END else result.generation_tokens_per_second
 
 
 def _median(values: list[float]) -> float | None:
@@ -229,43 +248,51 @@ def server_spec(settings: BenchSettings, server: str, port: int) -> ServerSpec:
     return ours_spec(settings, "none" if server == "off" else "ngram", port)
 
 
-async def complete(
-    client: httpx.AsyncClient, base_url: str, model: str, prompt: str, max_tokens: int, ignore_eos: bool
-) -> int:
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "temperature": 0,
-        "max_tokens": max_tokens,
-        "ignore_eos": ignore_eos,
-    }
-    response = await client.post(f"{base_url}/chat/completions", json=body)
-    response.raise_for_status()
-    return int(response.json()["usage"]["completion_tokens"])
+@dataclass(frozen=True)
+class WorkloadTally:
+    """What one workload's requests took, summed: completion tokens and wall time, and the generation part of
+    each stream (from its first token to its last, as llama-server's `predicted_per_second` counts it)."""
+
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    generation_tokens: int = 0  # each request's tokens after its first
+    generation_seconds: float = 0.0  # summed over the requests: per-stream time, not wall time
+
+    def plus_request(self, result: RequestResult) -> WorkloadTally:
+        if result.error is not None:
+            raise SpeculationBenchError(f"a request failed: {result.error}")
+        times = result.token_chunk_times
+        generation = times[-1] - times[0] if times else 0.0
+        return replace(
+            self,
+            completion_tokens=self.completion_tokens + result.n_output_tokens,
+            generation_tokens=self.generation_tokens + max(0, result.n_output_tokens - 1),
+            generation_seconds=self.generation_seconds + generation,
+        )
 
 
 async def run_workload(
     base_url: str, prompts: Sequence[str], streams: int, max_tokens: int, ignore_eos: bool
-) -> tuple[int, float]:
-    """Every prompt once, `streams` at a time; (completion tokens, wall seconds)."""
+) -> WorkloadTally:
+    """Every prompt once, streamed, `streams` at a time."""
     queue: asyncio.Queue[str] = asyncio.Queue()
     for prompt in prompts:
         queue.put_nowait(prompt)
-    total = 0
+    tally = WorkloadTally()
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal total
+    async def worker(client: httpx.AsyncClient, plan: LoadPlan) -> None:
+        nonlocal tally
         while not queue.empty():
             prompt = queue.get_nowait()
-            # not `total += await ...`: that reads `total` before the await, losing the other workers' counts
-            n_tokens = await complete(client, base_url, model, prompt, max_tokens, ignore_eos)
-            total += n_tokens
+            result = await stream_one(client, plan, prompt, send_extras=ignore_eos)
+            tally = tally.plus_request(result)
 
     async with httpx.AsyncClient(timeout=600.0, trust_env=False) as client:
         model = (await client.get(f"{base_url}/models")).json()["data"][0]["id"]  # the served name
+        plan = LoadPlan(base_url, model, tuple(prompts), max_tokens, (streams,), (len(prompts),), ignore_eos)
         started = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(streams)))
-        return total, time.perf_counter() - started
+        await asyncio.gather(*(worker(client, plan) for _ in range(streams)))
+        return replace(tally, seconds=time.perf_counter() - started)
 
 
 def spec_counters(base_url: str) -> tuple[float, float] | None:
@@ -303,14 +330,18 @@ def run_round(settings: BenchSettings, round_index: int, port: int) -> list[Work
             base_url = running.spec.base_url
             for name, prompts, streams, ignore_eos in workloads(settings):
                 before = spec_counters(base_url)
-                tokens, seconds = asyncio.run(run_workload(base_url, prompts, streams, settings.max_tokens, ignore_eos))
+                tally = asyncio.run(run_workload(base_url, prompts, streams, settings.max_tokens, ignore_eos))
                 after = spec_counters(base_url)
                 acceptance = None
                 if before is not None and after is not None and after[0] > before[0]:
                     acceptance = (after[1] - before[1]) / (after[0] - before[0])
-                result = WorkloadResult(server, name, round_index, tokens, seconds, acceptance)
+                result = WorkloadResult(
+                    server, name, round_index, tally.completion_tokens, tally.seconds, acceptance,
+                    tally.generation_tokens, tally.generation_seconds,
+                )  # fmt: skip
                 print(
                     f"round {round_index + 1} {server:12s} {name:13s} {result.tokens_per_second:8.1f} tok/s"
+                    f"  generation {result.generation_tokens_per_second:8.1f} tok/s"
                     + (f"  acceptance {acceptance:.2f}" if acceptance is not None else ""),
                     flush=True,
                 )
@@ -319,19 +350,21 @@ def run_round(settings: BenchSettings, round_index: int, port: int) -> list[Work
 
 
 def format_report(report: BenchReport) -> str:
-    lines = []
     names = sorted({r.workload for r in report.results})
     servers = sorted({r.server for r in report.results})
-    lines.append(f"{'workload':14s}" + "".join(f"{s:>14s}" for s in servers) + "   acceptance (ours, ngram)")
-    for name in names:
-        cells = "".join(f"{(report.median(s, name) or 0):14.1f}" for s in servers)
-        acceptance = report.acceptance(name)
-        lines.append(f"{name:14s}{cells}   {acceptance:.2f}" if acceptance is not None else f"{name:14s}{cells}")
-    lines.append("ratios: median of the same-round ratios (min-max)")
-    for label, pair in report.ratio_pairs().items():
-        ratios = report.round_ratios(*pair)
-        value = f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})" if ratios else "n/a"
-        lines.append(f"{label}: {value}")
+    lines = []
+    for measure in MEASURES:
+        lines.append(f"{measure + ' tok/s':22s}" + "".join(f"{s:>14s}" for s in servers) + "   acceptance (ngram)")
+        for name in names:
+            cells = "".join(f"{(report.median(s, name, measure) or 0):14.1f}" for s in servers)
+            acceptance = report.acceptance(name)
+            lines.append(f"{name:22s}{cells}" + (f"   {acceptance:.2f}" if acceptance is not None else ""))
+    for measure in MEASURES:
+        lines.append(f"ratios, {measure}: median of the same-round ratios (min-max)")
+        for label, pair in report.ratio_pairs().items():
+            ratios = report.round_ratios(*pair, measure)
+            value = f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})" if ratios else "n/a"
+            lines.append(f"  {label}: {value}")
     return "\n".join(lines)
 
 
@@ -397,7 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_report(report))
     if args.json:
-        body = {"settings": report.settings, "results": [asdict(r) for r in report.results], "ratios": report.ratios()}
+        ratios = {measure: report.ratios(measure) for measure in MEASURES}
+        body = {"settings": report.settings, "results": [asdict(r) for r in report.results], "ratios": ratios}
         args.json.write_text(json.dumps(body, indent=2))
     return 0
 
