@@ -9,9 +9,12 @@ Workloads (SmolLM2 by default, 2 threads, greedy, chat completions):
 - chat: the varied prompts of bench/prompts.json at 1 and 16 concurrent streams: n-grams rarely hit. Goals:
   speculation on costs ≤ 3% at 1 stream, and ≥ 0.97× speculation off at 16 (the adaptive rule backs off).
 
+Every request is streamed, and each workload gets two speeds: end to end (completion tokens over its wall time,
+the goals' figure) and generation (each stream's tokens after its first over the time from its first token to
+its last, llama-server's predicted_per_second: what speculation speeds up, the prompt's prefill left out).
 Each round starts every server once, in alternating order (the machine's noise hits all of them alike), and
-runs every workload against it; figures are medians over the rounds. Ours reports its acceptance rate
-(/metrics). Run it on a quiet machine:
+runs every workload against it; figures are medians over the rounds, ratios medians of the same-round ratios.
+Ours reports its acceptance rate (/metrics). Run it on a quiet machine:
 
     python -m bench.speculation --rounds 3 [--json out.json]
     python -m bench.speculation --rounds 1 --max-tokens 16 --chat-requests 2 --servers off,ngram   # smoke test

@@ -11,6 +11,8 @@ import time
 from collections import Counter
 from typing import Any
 
+import jsonschema
+import pydantic
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
@@ -26,6 +28,7 @@ from schemathesis.checks import (
 from schemathesis.core.failures import Failure
 from schemathesis.core.transport import Response
 
+from server.api.schemas import ChatMessage
 from server.api.state import app_server_state
 from server.app import create_app
 from server.engine.engine import Engine, EngineConfig
@@ -128,6 +131,37 @@ def test_the_document_describes_every_route_and_request_body(api_schema: schemat
             for status in ("400", "4XX", "5XX"):
                 error = responses[status]["content"]["application/json"]["schema"]["properties"]["error"]
                 assert error["required"] == ["message", "type", "param", "code"], (method, path)
+
+
+# (message, whether the server accepts it): the document must say what validation says, or the fuzz's
+# "schema-valid" bodies are 400s (and a client generating from the document sends them).
+MESSAGES = [
+    ({"role": "user", "content": "hi"}, True),
+    ({"role": "user", "content": [{"type": "text", "text": "hi"}]}, True),
+    ({"role": "assistant"}, True),
+    ({"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]}, True),
+    ({"role": "tool", "content": "42", "tool_call_id": "c"}, True),
+    ({"role": "user"}, False),
+    ({"role": "tool", "content": None, "tool_call_id": "c"}, False),
+    ({"role": "user", "content": [{"type": "image_url"}]}, False),
+    ({"role": "user", "content": [{"type": "text"}]}, False),
+    ({"role": "user", "content": [{"type": "text", "text": None}]}, False),
+]
+
+
+@pytest.mark.parametrize(("message", "accepted"), MESSAGES)
+def test_the_document_and_validation_agree_on_a_message(
+    api_schema: schemathesis.schemas.BaseSchema, message: dict[str, Any], accepted: bool
+) -> None:
+    document = api_schema.raw_schema
+    schema = {"$ref": "#/components/schemas/ChatMessage", "components": document["components"]}
+    assert jsonschema.Draft202012Validator(schema).is_valid(message) is accepted
+    try:
+        ChatMessage.model_validate(message)
+    except pydantic.ValidationError:
+        assert not accepted
+    else:
+        assert accepted
 
 
 def _serving_model(case: Case) -> Case:
