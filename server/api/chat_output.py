@@ -88,6 +88,47 @@ def _tag_prefix_len(text: str, tag: str) -> int:
 
 
 @dataclass
+class _CallBodyScanner:
+    """Finds the `</tool_call>` that ends a call: one outside every JSON string of the body. An argument may
+    hold the tag itself (a string argument about tool calls; the grammar allows any text in strings), and
+    the first raw match would cut the call there. Scans each character once across feeds: `position` is
+    how far into the parser's buffer it has read, and the string state holds there."""
+
+    position: int = 0
+    in_string: bool = False
+    escaped: bool = False
+
+    def close_at(self, buffer: str) -> int:
+        """Index of the closing tag in `buffer`, or -1 when it is not (yet) there."""
+        while self.position < len(buffer):
+            char = buffer[self.position]
+            if self.in_string:
+                self._read_string_char(char)
+            elif char == '"':
+                self.in_string = True
+            elif char == "<":
+                rest = buffer[self.position : self.position + len(CALL_CLOSE)]
+                if rest == CALL_CLOSE:
+                    return self.position
+                if CALL_CLOSE.startswith(rest):
+                    return -1  # may become the tag: read it again when more text is there
+            self.position += 1
+        return -1
+
+    def _read_string_char(self, char: str) -> None:
+        if self.escaped:
+            self.escaped = False
+        elif char == "\\":
+            self.escaped = True
+        elif char == '"':
+            self.in_string = False
+
+    def dropped(self, count: int) -> None:
+        """The parser removed `count` characters from its buffer's front (all of them already read)."""
+        self.position -= count
+
+
+@dataclass
 class ChatOutputParser:
     """Incremental: `feed` each text delta, then `finish` once; both return the pieces now known."""
 
@@ -99,7 +140,7 @@ class ChatOutputParser:
     _n_calls: int = 0
     _call_started: bool = False  # the current call's name is out; its arguments are streaming
     _discard_call: bool = False  # a call beyond max_calls: parsed and dropped
-    _call_body: _CallBodyScanner = field(default_factory=lambda: _CallBodyScanner())
+    _call_body: _CallBodyScanner = field(default_factory=_CallBodyScanner)
     _pieces: list[Piece] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -259,47 +300,6 @@ class ChatOutputParser:
             return
         self._open_call(parsed[0])
         self._pieces.append(ToolCallArguments(self._n_calls - 1, parsed[1]))
-
-
-@dataclass
-class _CallBodyScanner:
-    """Finds the `</tool_call>` that ends a call: one outside every JSON string of the body. An argument may
-    hold the tag itself (a string argument about tool calls; the grammar allows any text in strings), and
-    the first raw match would cut the call there. Scans each character once across feeds: `position` is
-    how far into the parser's buffer it has read, and the string state holds there."""
-
-    position: int = 0
-    in_string: bool = False
-    escaped: bool = False
-
-    def close_at(self, buffer: str) -> int:
-        """Index of the closing tag in `buffer`, or -1 when it is not (yet) there."""
-        while self.position < len(buffer):
-            char = buffer[self.position]
-            if self.in_string:
-                self._read_string_char(char)
-            elif char == '"':
-                self.in_string = True
-            elif char == "<":
-                rest = buffer[self.position : self.position + len(CALL_CLOSE)]
-                if rest == CALL_CLOSE:
-                    return self.position
-                if CALL_CLOSE.startswith(rest):
-                    return -1  # may become the tag: read it again when more text is there
-            self.position += 1
-        return -1
-
-    def _read_string_char(self, char: str) -> None:
-        if self.escaped:
-            self.escaped = False
-        elif char == "\\":
-            self.escaped = True
-        elif char == '"':
-            self.in_string = False
-
-    def dropped(self, count: int) -> None:
-        """The parser removed `count` characters from its buffer's front (all of them already read)."""
-        self.position -= count
 
 
 def _arguments_tail_start(buffer: str) -> int:
