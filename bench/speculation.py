@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from bench.compare import Spread
 from bench.load import LoadPlan, stream_one
 from bench.process import ServerSpec, exit_on_termination, run_server
 from bench.stats import RequestResult
@@ -165,7 +166,8 @@ class BenchReport:
 
     def ratios(self, measure: str = END_TO_END) -> dict[str, float | None]:
         """The issue's four speed ratios (None where a server was not run), by one of MEASURES."""
-        return {label: _median(self.round_ratios(*pair, measure)) for label, pair in self.ratio_pairs().items()}
+        spreads = {label: Spread.of(self.round_ratios(*pair, measure)) for label, pair in self.ratio_pairs().items()}
+        return {label: spread.median if spread else None for label, spread in spreads.items()}
 
     def ratio_pairs(self) -> dict[str, tuple[str, str, str]]:
         """Each reported ratio: (server, reference server, workload)."""
@@ -196,10 +198,6 @@ class BenchReport:
 
 def _speed(result: WorkloadResult, measure: str) -> float:
     return result.tokens_per_second if measure == END_TO_END else result.generation_tokens_per_second
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def repetitive_prompts() -> list[str]:
@@ -365,8 +363,8 @@ def format_report(report: BenchReport) -> str:
     for measure in MEASURES:
         lines.append(f"ratios, {measure}: median of the same-round ratios (min-max)")
         for label, pair in report.ratio_pairs().items():
-            ratios = report.round_ratios(*pair, measure)
-            value = f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})" if ratios else "n/a"
+            spread = Spread.of(report.round_ratios(*pair, measure))
+            value = f"{spread.median:.3f} ({spread.low:.3f}-{spread.high:.3f})" if spread else "n/a"
             lines.append(f"  {label}: {value}")
     return "\n".join(lines)
 
