@@ -23,7 +23,7 @@ from typing import Any
 import llama_cpp.llama_cpp as llama
 import numpy as np
 
-from bindings.llama_log import LLAMA_LOG_CALLBACK, LogCapture, failure_detail
+from bindings.llama_log import LLAMA_LOG_CALLBACK, LogCapture, failure_detail, route_llama_log
 from bindings.protocol import BackendError, BatchEntry, DraftRequest
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class LlamaDraftModel:
     def draft(self, requests: Sequence[DraftRequest]) -> list[tuple[int, ...]]:
         if self._closed:
             raise BackendError("the draft model is closed")
-        llama.llama_log_set(LLAMA_LOG_CALLBACK, self._log_user_data)
+        route_llama_log(self._log_user_data)
         rows = self._catch_up(requests)
         drafts: list[list[int]] = [[] for _ in requests]
         active = list(range(len(requests)))

@@ -32,7 +32,7 @@ import llama_cpp.llama_cpp as llama
 import numpy as np
 
 from bindings.llama_backend import FLASH_ATTN_MODES, LlamaBackend
-from bindings.llama_log import LLAMA_LOG_CALLBACK, LogCapture, failure_detail
+from bindings.llama_log import LLAMA_LOG_CALLBACK, LogCapture, failure_detail, route_llama_log
 from bindings.protocol import POOLING_TYPES, BackendError, DecodeError, EmbedderInfo
 
 logger = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ class LlamaEmbedder:
 
     def _route_log_here(self) -> None:
         """llama.cpp's log is process-wide: take it over before the calls whose failure quotes it."""
-        llama.llama_log_set(LLAMA_LOG_CALLBACK, self._log_user_data)
+        route_llama_log(self._log_user_data)
 
     def close(self) -> None:
         if self._closed:

@@ -28,7 +28,8 @@ import numpy.typing as npt
 
 from bindings.constrained import SHORTLIST, Candidates, ConstrainedPlan, GrammarGate, sample_constrained
 from bindings.devices import GgmlDevices, buffer_type_overrides
-from bindings.llama_log import LLAMA_LOG_CALLBACK, LogCapture, failure_detail
+from bindings.gil_holding import gil_holding
+from bindings.llama_log import LLAMA_LOG_CALLBACK, LogCapture, failure_detail, route_llama_log
 from bindings.memory_report import MemoryReport, parse_memory_report
 from bindings.protocol import (
     BackendError,
@@ -72,6 +73,9 @@ _DECODE_ERRORS: Mapping[int, str] = MappingProxyType(
     }
 )
 _GGML_BACKEND_DEVICE_TYPE_CPU = 0
+
+# The address of a batch index's logits row (0 where the decode produced none), keeping the GIL.
+_logits_row_address = gil_holding(llama.llama_get_logits_ith, ctypes.c_void_p)
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,7 @@ class LlamaBackend:
             self._memory_report = parse_memory_report(self._log_capture.drain())
             self._vocab = llama.llama_model_get_vocab(self._model)
             self._n_vocab = llama.llama_vocab_n_tokens(self._vocab)
+            self._logits_row_type = ctypes.c_float * self._n_vocab
             self._pieces = self._read_pieces()
             self._eog_tokens = frozenset(t for t in range(self._n_vocab) if llama.llama_vocab_is_eog(self._vocab, t))
             self._info = self._read_info(model_path, name)
@@ -705,10 +710,12 @@ class LlamaBackend:
         return best
 
     def _logits_view(self, logits_index: int) -> npt.NDArray[np.float32]:
-        pointer = llama.llama_get_logits_ith(self._ctx, logits_index)
-        if not pointer:
+        """The row in place. np.frombuffer over a ctypes array type made once: np.ctypeslib.as_array builds
+        the type per call in Python (~30 µs right after a decode has evicted the caches)."""
+        address = _logits_row_address(self._ctx, logits_index)
+        if not address:
             raise BackendError(f"llama.cpp has no logits at batch index {logits_index}")
-        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+        return np.frombuffer(self._logits_row_type.from_address(address), dtype=np.float32)
 
     def _logprob(self, token: int, logits_index: int, n_top: int) -> TokenLogprob:
         """log-softmax of the model's raw logits (before bias, penalties and temperature)."""
@@ -760,7 +767,7 @@ class LlamaBackend:
         Called before the calls whose failures quote the log, since another backend loaded later in the
         same process takes the log over. One pointer swap; the engine thread is the only caller.
         """
-        llama.llama_log_set(LLAMA_LOG_CALLBACK, self._log_user_data)
+        route_llama_log(self._log_user_data)
 
     def _release_log_capture(self) -> None:
         """Point llama.cpp's log back at the capture-less route if it still points at this backend."""

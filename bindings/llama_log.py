@@ -12,6 +12,8 @@ from types import MappingProxyType
 
 import llama_cpp.llama_cpp as llama
 
+from bindings.gil_holding import gil_holding
+
 logger = logging.getLogger(__name__)
 # ggml_log_level (ggml.h); CONT continues the line of the previous call.
 _LOG_DEBUG, _LOG_INFO, _LOG_WARN, _LOG_ERROR, _LOG_CONT = 1, 2, 3, 4, 5
@@ -72,6 +74,12 @@ def _route_llama_log(level: int, text: bytes | None, user_data: int | None) -> N
 
 # A constant: llama.cpp keeps this pointer, so the function object lives as long as the module.
 LLAMA_LOG_CALLBACK = llama.llama_log_callback(_route_llama_log)
+_set_llama_log = gil_holding(llama.llama_log_set)
+
+
+def route_llama_log(user_data: ctypes.c_void_p) -> None:
+    """Point llama.cpp's log at the capture `user_data` points to, before a decode (see gil_holding.py)."""
+    _set_llama_log(LLAMA_LOG_CALLBACK, user_data)
 
 
 def failure_detail(log_lines: Sequence[str]) -> str:
