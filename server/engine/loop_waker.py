@@ -77,7 +77,7 @@ class EventfdWaker:
         loop.add_reader(self._fd, self._on_wake)
 
     def post(self, callback: _Callback, *args: Any) -> None:
-        if self._closed:
+        if self._closed or self._loop.is_closed():  # as call_soon_threadsafe: nothing would ever run them
             raise RuntimeError("the event loop's wake-up is closed")
         self._pending.append((callback, args))  # deque.append is atomic: the loop may be draining meanwhile
         if self._write(self._fd, 1) != 0:

@@ -183,3 +183,16 @@ def test_close_after_the_loop_closed_releases_the_fd_quietly(run: Run) -> None:
     closer.join()
     with pytest.raises(OSError):
         os.fstat(wakers[0]._fd)
+
+
+def test_post_once_the_loop_is_closed_is_refused(run: Run) -> None:
+    """As call_soon_threadsafe: callbacks for a loop that will never run them must not pile up."""
+    wakers: list[EventfdWaker] = []
+
+    async def scenario() -> None:
+        wakers.append(eventfd_waker(asyncio.get_running_loop()))
+
+    run(scenario())
+    with pytest.raises(RuntimeError, match="closed"):
+        wakers[0].post(print, "too late")
+    wakers[0].close()
