@@ -42,7 +42,9 @@ def eventfd_waker(loop: asyncio.AbstractEventLoop) -> EventfdWaker:
 
 
 @pytest.mark.parametrize("make", [eventfd_waker, CallSoonWaker], ids=["eventfd", "call_soon"])
-def test_callbacks_from_another_thread_run_on_the_loop_in_order(make, run: Run) -> None:
+def test_callbacks_from_another_thread_run_on_the_loop_in_order(
+    make: Callable[[asyncio.AbstractEventLoop], EventfdWaker | CallSoonWaker], run: Run
+) -> None:
     async def scenario() -> tuple[list[int], set[int]]:
         loop = asyncio.get_running_loop()
         waker = make(loop)
@@ -72,7 +74,8 @@ def test_callbacks_from_another_thread_run_on_the_loop_in_order(make, run: Run) 
 
 def test_posting_keeps_the_gil_so_the_loop_runs_nothing_meanwhile(long_switch_interval: None, run: Run) -> None:
     """The point of the eventfd waker: the loop, woken by the first post, gets the GIL only when the posting
-    thread gives it up itself (llama_decode, here a sleep), not inside a post."""
+    thread gives it up itself (the engine: in llama_decode; here: when the posting thread ends), not inside a
+    post."""
 
     async def scenario() -> tuple[list[int], int]:
         waker = eventfd_waker(asyncio.get_running_loop())
