@@ -5,8 +5,8 @@ GIL to an event loop thread waiting for it (woken by the previous step's tokens,
 Python stretch: SSE chunks, socket writes, ~0.1-0.4 ms. The engine thread waits that long to sample and start
 the next decode while llama.cpp's other compute threads spin (measured with SmolLM2 single stream: a log-route
 call of ~1 µs took 42 µs per step on average once the hand-off kept the GIL). Released only in llama_decode,
-the GIL lets the loop run beside the decode instead. Only for calls that never block and never call back into
-Python.
+the GIL lets the loop run beside the decode instead. Only for calls that never block; one that calls back into
+Python (llama.cpp's log callback, on an error) is fine: the callback takes the GIL this thread already holds.
 """
 
 from __future__ import annotations
