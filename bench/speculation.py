@@ -290,7 +290,15 @@ async def run_workload(
 
     async with httpx.AsyncClient(timeout=600.0, trust_env=False) as client:
         model = (await client.get(f"{base_url}/models")).json()["data"][0]["id"]  # the served name
-        plan = LoadPlan(base_url, model, tuple(prompts), max_tokens, (streams,), (len(prompts),), ignore_eos)
+        plan = LoadPlan(
+            base_url=base_url,
+            model=model,
+            prompts=tuple(prompts),
+            max_tokens=max_tokens,
+            concurrency_levels=(streams,),
+            requests_per_level=(len(prompts),),
+            ignore_eos=ignore_eos,
+        )
         started = time.perf_counter()
         await asyncio.gather(*(worker(client, plan) for _ in range(streams)))
         return replace(tally, seconds=time.perf_counter() - started)

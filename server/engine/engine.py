@@ -629,8 +629,7 @@ class Engine:
             self._n_free_slots = self._scheduler.n_free_slots
             if refresh_statuses:
                 self._slot_statuses = self._read_slot_statuses()
-        if refresh_statuses:
-            self._statuses_due = now + SLOT_STATUS_REFRESH_S
+                self._statuses_due = now + SLOT_STATUS_REFRESH_S
         if self._waker is None:
             return
         self._outbox.add([_token_event(event) for event in step_events])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sys
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -14,10 +13,6 @@ import pytest
 import uvloop
 
 from server.engine.loop_waker import CallSoonWaker, EventfdWaker, loop_waker
-
-# The engine's hand-off on Linux; the fallback is for platforms without eventfd (one test covers it).
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="eventfd is Linux's")
-
 
 T = TypeVar("T")
 Run = Callable[[Coroutine[Any, Any, T]], T]
@@ -36,6 +31,7 @@ def run(request: pytest.FixtureRequest) -> Run:
 
 
 def eventfd_waker(loop: asyncio.AbstractEventLoop) -> EventfdWaker:
+    """What the engine gets on Linux, where the server runs (CallSoonWaker is the fallback elsewhere)."""
     waker = loop_waker(loop)
     assert isinstance(waker, EventfdWaker)
     return waker
