@@ -164,6 +164,8 @@ class Generation:
         self.n = n
         self.n_choices = n * len(streams)
         self._metrics = metrics
+        # Observed on every streamed event: the labelled child once, not a labels() lookup (and lock) each time.
+        self._inter_token_latency = metrics.inter_token_latency.labels(metrics.model_name)
         self._received_at = received_at
         self._first_token_seen = False
         self._last_token_at: dict[int, float] = {}
@@ -285,7 +287,7 @@ class Generation:
         last = self._last_token_at.get(index)
         if last is not None:
             gap = (now - last) / len(event.token_ids)
-            self._metrics.inter_token_latency.labels(self._metrics.model_name).observe(gap)
+            self._inter_token_latency.observe(gap)
         self._last_token_at[index] = now
 
     def usage(self) -> dict[str, Any]:

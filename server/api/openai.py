@@ -251,8 +251,14 @@ async def _respond(
     response = event_source_response(
         _released_after(_streamed_body(first, events, generation, chunks, include_usage, metrics), lease)
     )
-    response.background = BackgroundTask(lease.release)  # also when the body never started (released once)
+    # Also when the body never started (released once). Awaited on the event loop: the fleet's state is the
+    # loop's (a plain function would run in a worker thread, and cost a thread hand-off per request).
+    response.background = BackgroundTask(_release, lease)
     return response
+
+
+async def _release(lease: Lease) -> None:
+    lease.release()
 
 
 async def _released_after(body: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[bytes]:

@@ -1,6 +1,7 @@
 """Fault injection with the deterministic fake backend, in-process: one llama_decode failing while several
 requests run (only that batch's requests may fail; the rest, finished before, queued behind or sent after,
-must give exactly their solo answers), and a streaming client that stops reading altogether."""
+must give exactly their solo answers), a streaming client that stops reading altogether, and one that leaves
+while the answer's headers are being sent."""
 
 from __future__ import annotations
 
@@ -164,3 +165,36 @@ async def test_a_stream_whose_client_stops_reading_is_closed_and_frees_its_slot(
         assert served.backend.n_live_samplers() == 0
         assert (await served.client.get("/health")).status_code == 200
         assert await answer(served, "Name a fox.", 30) == solo
+
+
+async def test_a_stream_whose_client_leaves_before_its_body_starts_releases_the_model_on_the_event_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The client hangs up while the answer's headers are still being sent: the SSE body never starts, so only
+    the response's background task can end the request's hold on its model. It must run on the event loop (the
+    fleet's state is the loop's): with keep_alive 0 the model is then unloaded, as after any other answer."""
+    async with serve(FakeBackendConfig(n_slots=2, n_ctx_per_slot=512)) as served:
+        payload = body("Name a fox.", 30, stream=True) | {"keep_alive": 0}
+        encoded = json.dumps(payload).encode()
+        headers_sent = asyncio.Event()
+        body_delivered = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal body_delivered
+            if not body_delivered:
+                body_delivered = True
+                return {"type": "http.request", "body": encoded, "more_body": False}
+            await headers_sent.wait()  # connected until the answer begins, then gone
+            return {"type": "http.disconnect"}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers_sent.set()
+                await asyncio.sleep(10)  # a slow socket: the disconnect is noticed while this send waits
+
+        with caplog.at_level(logging.WARNING):
+            await asyncio.wait_for(served.app(post_scope("/v1/chat/completions", encoded), receive, send), timeout=10)
+        assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
+        slot = served.state.fleet.default
+        await wait_for(lambda: slot.status == "unloaded", timeout_s=5)
+        assert slot.in_flight == 0
