@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -131,7 +131,14 @@ def post_scope(path: str, body: bytes) -> dict[str, Any]:
     }
 
 
-async def raw_post(app: FastAPI, path: str, payload: dict[str, Any]) -> RawExchange:
+async def raw_post(
+    app: FastAPI,
+    path: str,
+    payload: dict[str, Any],
+    *,
+    before_send: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+) -> RawExchange:
+    """`before_send`: awaited with each message the app sends before it is recorded (a slow socket)."""
     body = json.dumps(payload).encode()
     scope = post_scope(path, body)
     sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -147,6 +154,8 @@ async def raw_post(app: FastAPI, path: str, payload: dict[str, Any]) -> RawExcha
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
+        if before_send is not None:
+            await before_send(message)
         await sent.put(message)
 
     task = asyncio.create_task(app(scope, receive, send))

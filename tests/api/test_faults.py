@@ -19,7 +19,7 @@ from server.api import sse
 from server.engine.engine import EngineConfig
 from server.engine.fake_backend import FakeBackendConfig
 
-from .helpers import MODEL, Served, assert_openai_error, post_scope, serve, sse_payloads, wait_for
+from .helpers import MODEL, Served, assert_openai_error, post_scope, raw_post, serve, sse_payloads, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -175,25 +175,15 @@ async def test_a_stream_whose_client_leaves_before_its_body_starts_releases_the_
     fleet's state is the loop's): with keep_alive 0 the model is then unloaded, as after any other answer."""
     async with serve(FakeBackendConfig(n_slots=2, n_ctx_per_slot=512)) as served:
         payload = body("Name a fox.", 30, stream=True) | {"keep_alive": 0}
-        encoded = json.dumps(payload).encode()
-        headers_sent = asyncio.Event()
-        body_delivered = False
 
-        async def receive() -> dict[str, Any]:
-            nonlocal body_delivered
-            if not body_delivered:
-                body_delivered = True
-                return {"type": "http.request", "body": encoded, "more_body": False}
-            await headers_sent.wait()  # connected until the answer begins, then gone
-            return {"type": "http.disconnect"}
-
-        async def send(message: MutableMapping[str, Any]) -> None:
+        async def headers_then_gone(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                headers_sent.set()
-                await asyncio.sleep(10)  # a slow socket: the disconnect is noticed while this send waits
+                exchange.disconnected.set()  # the client hangs up while this send still waits on a slow socket
+                await asyncio.sleep(10)
 
         with caplog.at_level(logging.WARNING):
-            await asyncio.wait_for(served.app(post_scope("/v1/chat/completions", encoded), receive, send), timeout=10)
+            exchange = await raw_post(served.app, "/v1/chat/completions", payload, before_send=headers_then_gone)
+            await asyncio.wait_for(exchange.task, timeout=10)
         assert not [record for record in caplog.records if record.levelno >= logging.ERROR], caplog.text
         slot = served.state.fleet.default
         await wait_for(lambda: slot.status == "unloaded", timeout_s=5)
