@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
+import bench.compare
 from bench.compare import (
     CEILING,
     DEFAULT_OURS_COMMAND,
     LLAMA_CPP_PYTHON,
     LLAMA_SERVER,
     OURS,
+    CeilingPlan,
     CeilingRun,
     CompareError,
     CompareResult,
@@ -40,6 +42,7 @@ from bench.compare import (
     parse_servers,
     round_schedule,
     server_spec,
+    with_cached_prompt,
     yardstick_no_repack,
 )
 from bench.llama_server import (
@@ -311,6 +314,42 @@ def test_ceiling_prefills_what_our_server_computed() -> None:
     assert ceiling_prompt_tokens({OURS: silent}, 41, None) == 41  # no usage details: the whole prompt
     assert ceiling_prompt_tokens({OURS: silent}, None, None) is None
     assert ceiling_prompt_tokens({OURS: ours}, 41, 7) == 7
+
+
+def test_ceiling_decodes_over_the_whole_prompt_when_the_servers_cached_most_of_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Our server computed 1 of each request's 41 prompt tokens (its cache held the rest), so the ceiling
+    prefills 1 token per sequence; but the servers' decode steps attend over all 41, so the ceiling's decode time
+    comes from a second run that holds the whole prompt."""
+
+    def fake_batched_bench(command: list[str], expected_levels: tuple[int, ...]) -> tuple[CeilingRun, ...]:
+        n_prompt = int(command[command.index("-npp") + 1])
+        sequences = int(command[command.index("-npl") + 1])
+        decode_s = 3.0 if n_prompt == 1 else 3.1  # attention over 41 cached tokens makes each step slower
+        return (CeilingRun(sequences, n_prompt, 64, prefill_s=0.01 * n_prompt, decode_s=decode_s),)
+
+    monkeypatch.setattr(bench.compare, "run_ceiling", fake_batched_bench)
+    settings = _settings()
+    plan = CeilingPlan(Path("/b/llama-batched-bench"), no_repack=False, full_prompt_tokens=41, override=None)
+    commands: list[list[str]] = []
+    run = bench.compare.measure_ceiling(plan, settings, 16, 1, commands)
+    assert [command[command.index("-npp") + 1] for command in commands] == ["1", "41"]
+    assert (run.prompt_tokens, run.context_tokens) == (1, 41)
+    assert (run.prefill_s, run.decode_s) == (pytest.approx(0.01), 3.1)  # the short prefill, the long decode
+    assert run.output_tokens_per_s == pytest.approx(16 * 64 / 3.11)
+    (row,) = compute_ratios({}, (16,), [(run,)])
+    assert row.ceiling_prompt_tokens == Spread(1, 1, 1, 1) and row.ceiling_context_tokens == Spread(41, 41, 41, 1)
+    assert "ceil ctx" in format_ratios([row])
+
+    commands.clear()  # the whole prompt computed: one run, its own decode
+    whole = bench.compare.measure_ceiling(plan, settings, 16, 41, commands)
+    assert len(commands) == 1 and whole.context_tokens is None and whole.decode_s == 3.1
+    commands.clear()  # --ceiling-prompt-tokens: exactly what was asked, one run
+    asked = bench.compare.measure_ceiling(replace(plan, override=1), settings, 16, 1, commands)
+    assert len(commands) == 1 and asked.decode_s == 3.0
+    with pytest.raises(CompareError, match="different shapes"):
+        with_cached_prompt(run, replace(run, sequences=1))
 
 
 def test_yardstick_weight_layout_follows_our_servers_verdict() -> None:
