@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import bench.compare
 from bench.compare import (
     CEILING,
     DEFAULT_OURS_COMMAND,
@@ -34,6 +33,7 @@ from bench.compare import (
     free_port,
     level_order,
     llama_cpp_python_spec,
+    measure_ceiling,
     median_report,
     merge_level_reports,
     ours_command,
@@ -329,11 +329,11 @@ def test_ceiling_decodes_over_the_whole_prompt_when_the_servers_cached_most_of_i
         decode_s = 3.0 if n_prompt == 1 else 3.1  # attention over 41 cached tokens makes each step slower
         return (CeilingRun(sequences, n_prompt, 64, prefill_s=0.01 * n_prompt, decode_s=decode_s),)
 
-    monkeypatch.setattr(bench.compare, "run_ceiling", fake_batched_bench)
+    monkeypatch.setattr("bench.compare.run_ceiling", fake_batched_bench)
     settings = _settings()
     plan = CeilingPlan(Path("/b/llama-batched-bench"), no_repack=False, full_prompt_tokens=41, override=None)
     commands: list[list[str]] = []
-    run = bench.compare.measure_ceiling(plan, settings, 16, 1, commands)
+    run = measure_ceiling(plan, settings, 16, 1, commands)
     assert [command[command.index("-npp") + 1] for command in commands] == ["1", "41"]
     assert (run.prompt_tokens, run.context_tokens) == (1, 41)
     assert (run.prefill_s, run.decode_s) == (pytest.approx(0.01), 3.1)  # the short prefill, the long decode
@@ -343,10 +343,10 @@ def test_ceiling_decodes_over_the_whole_prompt_when_the_servers_cached_most_of_i
     assert "ceil ctx" in format_ratios([row])
 
     commands.clear()  # the whole prompt computed: one run, its own decode
-    whole = bench.compare.measure_ceiling(plan, settings, 16, 41, commands)
+    whole = measure_ceiling(plan, settings, 16, 41, commands)
     assert len(commands) == 1 and whole.context_tokens is None and whole.decode_s == 3.1
     commands.clear()  # --ceiling-prompt-tokens: exactly what was asked, one run
-    asked = bench.compare.measure_ceiling(replace(plan, override=1), settings, 16, 1, commands)
+    asked = measure_ceiling(replace(plan, override=1), settings, 16, 1, commands)
     assert len(commands) == 1 and asked.decode_s == 3.0
     with pytest.raises(CompareError, match="different shapes"):
         with_cached_prompt(run, replace(run, sequences=1))
