@@ -617,7 +617,8 @@ class Engine:
     def _publish(self, step_events: list[StepEvent], *, idle: bool = False, slots_changed: bool = False) -> None:
         """Hand the step's events to the event loop, or hold them in the outbox until the stream interval is
         up (`idle`: the engine sleeps or gives up next, so nothing may stay behind). `slots_changed`: the step
-        gave a slot a new choice."""
+        gave a slot a new choice. A slot is taken only by an admission and freed only with a finishing event, so
+        the free-slot count is recounted only then."""
         for event in step_events:
             if event.finish_reason is not None:
                 self._backend.free_sampler(event.sequence.seq_id)
@@ -626,8 +627,8 @@ class Engine:
         refresh_statuses = idle or slots_changed or now >= self._statuses_due
         with self._lock:
             self._n_waiting = self._scheduler.n_waiting + self._inbox.qsize()
-            self._n_free_slots = self._scheduler.n_free_slots
             if refresh_statuses:
+                self._n_free_slots = self._scheduler.n_free_slots
                 self._slot_statuses = self._read_slot_statuses()
                 self._statuses_due = now + SLOT_STATUS_REFRESH_S
         if self._waker is None:
